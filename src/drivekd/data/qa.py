@@ -1,0 +1,232 @@
+"""What the DriveLM and DriveBench importers share: loading, field checks, images, options, kinds and tags.
+
+Both formats carry the same question/answer items in different layouts, so all but walking the layout lives
+here once; each importer only names its own fields, so a :class:`DataError` points into the upstream file.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, cast
+
+from pydantic import ValidationError
+
+from drivekd.data.cameras import CAMERAS, check_camera
+from drivekd.data.schema import OPTION_LETTERS, TASK_TO_CAPABILITY, ImageRef, Kind, Sample, Task
+from drivekd.data.tags import ObjectTag, normalise_tags_in_text, parse_tags
+from drivekd.errors import DataError
+
+OPTIONS_PROMPT = "Please select the correct answer from the following options:"
+_OPTIONS_RE = re.compile(r"from the following options\s*:", re.IGNORECASE)
+# An option starts with its letter and a dot, at the start or after whitespace ("... A. Going ahead. B. ...").
+_OPTION_START_RE = re.compile(r"(?<!\S)([A-D])\.\s")
+_YES_NO_RE = re.compile(r"(yes|no)\.?", re.IGNORECASE)
+_JSON_TYPES = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+TAG_HINT = "write object tags as <cK,CAM_NAME,x,y> with a nuScenes camera name"
+
+
+@dataclass
+class ImportResult:
+    """The samples of an imported file and, with ``skip_invalid``, the errors of the skipped rows."""
+
+    samples: list[Sample] = field(default_factory=list)
+    errors: list[DataError] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Where:
+    """A row of an upstream file (a list index or a key path), to build a :class:`DataError` naming it."""
+
+    file: str
+    row: int | str | None
+
+    def error(self, field: str | None, message: str, hint: str | None = None) -> DataError:
+        if hint is None:
+            return DataError(self.file, self.row, field, message)
+        return DataError(self.file, self.row, field, message, hint)
+
+
+def collect(items: Iterable[Sample | DataError], *, skip_invalid: bool) -> ImportResult:
+    """Gather an importer's samples; an error is raised unless ``skip_invalid``, which records it instead."""
+    result = ImportResult()
+    for item in items:
+        if isinstance(item, Sample):
+            result.samples.append(item)
+        elif skip_invalid:
+            result.errors.append(item)
+        else:
+            raise item
+    return result
+
+
+def load_json(path: Path) -> Any:
+    """The parsed content of ``path``; a file that is not JSON is a :class:`DataError` with no row."""
+    try:
+        with path.open(encoding="utf-8") as handle:
+            return json.load(handle)
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError
+        raise DataError(
+            str(path), None, None, f"not valid JSON: {err}", hint="repair or re-export it"
+        ) from None
+
+
+def expect(where: Where, name: str, value: Any, kind: type) -> Any:
+    """``value`` when it has the JSON type ``kind``, else a :class:`DataError` on field ``name``."""
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise where.error(name, f"must be {_JSON_TYPES[kind]}, got {type(value).__name__}")
+    return value
+
+
+def require(where: Where, row: Any, name: str, kind: type) -> Any:
+    """Field ``name`` of the JSON object ``row``, checked to be present and of type ``kind``."""
+    if not isinstance(row, dict):
+        raise where.error("<row>", f"expected a JSON object, got {type(row).__name__}")
+    if name not in row:
+        raise where.error(name, f"missing field {name!r}")
+    return expect(where, name, row[name], kind)
+
+
+def check_task(where: Where, name: str, task: str) -> Task:
+    """``task`` when it is one of the four DriveBench/DriveLM tasks."""
+    if task not in TASK_TO_CAPABILITY:
+        raise where.error(name, f"unknown task {task!r}; expected one of {', '.join(TASK_TO_CAPABILITY)}")
+    return cast(Task, task)
+
+
+def _stored_path(path: str) -> str:
+    """An upstream image path cut to start at its ``nuscenes/`` folder, so it is relative to the image root
+    whether upstream wrote ``../nuscenes/samples/...`` (DriveLM), ``data/nuscenes/...`` or an absolute path.
+    """
+    parts = PurePosixPath(path).parts
+    return "/".join(parts[parts.index("nuscenes") :]) if "nuscenes" in parts else path
+
+
+def resolve_images(where: Where, name: str, paths: dict[str, Any], root: Path) -> list[ImageRef]:
+    """The images of the camera -> path mapping in field ``name``, in :data:`CAMERAS` order, each on disk."""
+    if not paths:
+        raise where.error(name, "no images", hint="list at least one camera image")
+    images: dict[str, ImageRef] = {}
+    for camera, path in paths.items():
+        field_name = f"{name}.{camera}"
+        try:
+            canonical = check_camera(camera)
+        except ValueError as err:
+            raise where.error(
+                field_name, str(err), hint="use a nuScenes camera name, e.g. CAM_FRONT"
+            ) from None
+        if canonical in images:
+            raise where.error(field_name, f"camera {canonical} is listed twice", hint="keep one per camera")
+        if not isinstance(path, str) or not path:
+            raise where.error(field_name, f"image path must be a non-empty string, got {path!r}")
+        image = ImageRef(camera=canonical, path=_stored_path(path))
+        if not image.resolve(root).is_file():
+            raise where.error(
+                field_name,
+                f"image not found: {image.resolve(root)}",
+                hint="pass the folder that contains nuscenes/ as the image root, or skip invalid rows",
+            )
+        images[canonical] = image
+    return sorted(images.values(), key=lambda image: CAMERAS.index(image.camera))
+
+
+def format_options(options: dict[str, str]) -> str:
+    """The DriveLM/DriveBench option list that :func:`parse_options` reads back."""
+    return " ".join([OPTIONS_PROMPT, *(f"{letter}. {text}" for letter, text in options.items())])
+
+
+def parse_options(question: str) -> dict[str, str] | None:
+    """Letter -> text of the options a multiple-choice question lists after "...from the following options:".
+
+    ``None`` when the question lists no options; ``ValueError`` when it announces options but lists fewer than
+    two. Letters must come in order (A, B, ...), so a stray "B. " inside an option's text does not split it.
+    """
+    marker = _OPTIONS_RE.search(question)
+    if marker is None:
+        return None
+    tail = question[marker.end() :]
+    starts: list[re.Match[str]] = []
+    for match in _OPTION_START_RE.finditer(tail):
+        if len(starts) < len(OPTION_LETTERS) and match.group(1) == OPTION_LETTERS[len(starts)]:
+            starts.append(match)
+    ends = [m.start() for m in starts[1:]] + [len(tail)]
+    options = {m.group(1): tail[m.end() : end].strip() for m, end in zip(starts, ends, strict=True)}
+    if len(options) < 2 or not all(options.values()):
+        raise ValueError("the question announces options but does not list at least two as 'A. ... B. ...'")
+    return options
+
+
+def infer_kind(answer: str, options: dict[str, str] | None) -> Kind:
+    """The kind of a QA item: mcq when the question lists options (answered by letter), yes/no, or open."""
+    if options is not None:
+        if answer not in options:
+            raise ValueError(f"the answer {answer!r} is not one of the option letters {', '.join(options)}")
+        return "mcq"
+    return "yes/no" if _YES_NO_RE.fullmatch(answer.strip()) else "open"
+
+
+def read_tags(where: Where, name: str, text: str, pixel_size: tuple[int, int] | None) -> list[ObjectTag]:
+    """The object tags in field ``name`` (see :func:`parse_tags`); a bad one is a :class:`DataError` there."""
+    try:
+        return parse_tags(text, pixel_size=pixel_size)
+    except ValidationError as err:
+        raise where.error(name, err.errors()[0]["msg"].removeprefix("Value error, "), TAG_HINT) from None
+    except ValueError as err:
+        raise where.error(name, str(err), TAG_HINT) from None
+
+
+def make_sample(
+    where: Where,
+    *,
+    fields: tuple[str, str],
+    question: str,
+    answer: str,
+    pixel_size: tuple[int, int] | None,
+    sample_id: str,
+    task: Task,
+    images: list[ImageRef],
+    scene_id: str,
+    frame_id: str,
+    meta: dict[str, Any],
+) -> Sample:
+    """A :class:`Sample` from one upstream QA item: tags checked and collected as ``objects``, kind inferred.
+
+    ``fields`` names the upstream question and answer fields (for errors). With ``pixel_size`` the tags are
+    pixel centres and are stored normalised in the text; otherwise they are taken as already normalised.
+    """
+    texts: list[str] = []
+    objects: dict[str, ObjectTag] = {}
+    for name, text in zip(fields, (question, answer), strict=True):
+        if not text.strip():
+            raise where.error(name, "empty text")
+        for tag in read_tags(where, name, text, pixel_size):
+            objects.setdefault(str(tag), tag)
+        texts.append(normalise_tags_in_text(text, pixel_size) if pixel_size else text)
+    question, answer = texts
+    try:
+        options = parse_options(question)
+    except ValueError as err:
+        raise where.error(
+            fields[0], str(err), hint="list options as 'A. ... B. ...' after the prompt"
+        ) from None
+    try:
+        kind = infer_kind(answer, options)
+    except ValueError as err:
+        raise where.error(fields[1], str(err), hint="answer a multiple-choice question by letter") from None
+    return Sample(
+        id=sample_id,
+        images=images,
+        question=question,
+        answer=answer,
+        capability=TASK_TO_CAPABILITY[task],
+        task=task,
+        kind=kind,
+        options=options,
+        objects=list(objects.values()),
+        scene_id=scene_id,
+        frame_id=frame_id,
+        meta=meta,
+    )

@@ -1,0 +1,201 @@
+"""The Drive-KD sample: one driving VQA item, stored one per line in JSONL.
+
+Every importer and the synthetic generator produce :class:`Sample`; every model-side component consumes it.
+Image paths are stored as written and resolved against a root (by default the JSONL file's folder).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from drivekd.data.cameras import check_camera
+from drivekd.data.tags import ObjectTag
+from drivekd.errors import DataError
+
+Capability = Literal["perception", "reasoning", "planning"]
+Task = Literal["perception", "prediction", "planning", "behavior"]
+Kind = Literal["mcq", "open", "yes/no"]
+
+CAPABILITIES: tuple[Capability, ...] = ("perception", "reasoning", "planning")
+# The paper reports DriveBench prediction and behavior together as reasoning.
+TASK_TO_CAPABILITY: dict[str, Capability] = {
+    "perception": "perception",
+    "prediction": "reasoning",
+    "behavior": "reasoning",
+    "planning": "planning",
+}
+OPTION_LETTERS = ("A", "B", "C", "D")
+
+
+class ImageRef(BaseModel):
+    """One camera image of a sample."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    camera: str
+    path: str
+
+    @field_validator("camera")
+    @classmethod
+    def _known_camera(cls, value: str) -> str:
+        return check_camera(value)
+
+    def resolve(self, root: Path) -> Path:
+        path = Path(self.path)
+        return path if path.is_absolute() else root / path
+
+
+class Sample(BaseModel):
+    """A driving VQA sample (see docs/architecture.md for the field meanings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    images: list[ImageRef] = Field(min_length=1)
+    question: str = Field(min_length=1)
+    capability: Capability
+    task: Task
+    kind: Kind
+    options: dict[str, str] | None = None
+    answer: str = Field(min_length=1)
+    rationale: str | None = None
+    objects: list[ObjectTag] = Field(default_factory=list)
+    scene_id: str = ""
+    frame_id: str = ""
+    # Free-form extras: structured ground truth of synthetic scenes, upstream tags, object descriptions for a judge.
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    # Field validators run in declaration order, so each check below sees the fields it depends on.
+    @field_validator("images")
+    @classmethod
+    def _distinct_cameras(cls, images: list[ImageRef]) -> list[ImageRef]:
+        cameras = [im.camera for im in images]
+        if len(set(cameras)) != len(cameras):
+            raise ValueError(f"duplicate camera in images: {cameras}")
+        return images
+
+    @field_validator("task")
+    @classmethod
+    def _task_matches_capability(cls, task: str, info: ValidationInfo) -> str:
+        capability = info.data.get("capability")
+        if capability is not None and TASK_TO_CAPABILITY[task] != capability:
+            raise ValueError(
+                f"task {task!r} belongs to capability {TASK_TO_CAPABILITY[task]!r}, not {capability!r}"
+            )
+        return task
+
+    @field_validator("options")
+    @classmethod
+    def _options_fit_kind(cls, options: dict[str, str] | None, info: ValidationInfo) -> dict[str, str] | None:
+        if info.data.get("kind") != "mcq":
+            return options
+        if not options or len(options) < 2:
+            raise ValueError("an mcq sample needs at least two options")
+        if set(options) - set(OPTION_LETTERS):
+            raise ValueError(f"mcq option keys must be among {OPTION_LETTERS}, got {sorted(options)}")
+        return options
+
+    @field_validator("answer")
+    @classmethod
+    def _mcq_answer_is_an_option(cls, answer: str, info: ValidationInfo) -> str:
+        options = info.data.get("options")
+        if info.data.get("kind") == "mcq" and options and answer not in options:
+            raise ValueError(f"mcq answer {answer!r} is not one of the options {sorted(options)}")
+        return answer
+
+    @property
+    def multi_view(self) -> bool:
+        return len(self.images) > 1
+
+    @property
+    def full_answer(self) -> str:
+        """The supervised answer text: the short answer, then the rationale when there is one."""
+        return self.answer if not self.rationale else f"{self.answer}\n{self.rationale}"
+
+
+def _field_of(error: ValidationError) -> str:
+    first = error.errors()[0]
+    return ".".join(str(p) for p in first["loc"]) or "<row>"
+
+
+def _message_of(error: ValidationError) -> str:
+    first = error.errors()[0]
+    return first["msg"].removeprefix("Value error, ")
+
+
+def validate_row(row: Any, *, file: str, index: int) -> Sample:
+    """Build a :class:`Sample` from a dict, turning validation failures into a :class:`DataError`."""
+    if not isinstance(row, dict):
+        raise DataError(file, index, None, f"expected a JSON object, got {type(row).__name__}")
+    try:
+        return Sample.model_validate(row)
+    except ValidationError as err:
+        raise DataError(file, index, _field_of(err), _message_of(err)) from None
+
+
+def check_images(sample: Sample, root: Path, *, file: str, index: int) -> None:
+    """Raise a :class:`DataError` naming the first image of ``sample`` that is not on disk."""
+    for k, image in enumerate(sample.images):
+        if not image.resolve(root).is_file():
+            raise DataError(
+                file,
+                index,
+                f"images.{k}.path",
+                f"image not found: {image.resolve(root)}",
+                hint="check the image root (--image-root) or pass --skip-invalid",
+            )
+
+
+def read_jsonl(
+    path: str | Path,
+    *,
+    image_root: Path | None = None,
+    check_files: bool = True,
+    skip_invalid: bool = False,
+    errors: list[DataError] | None = None,
+) -> Iterator[Sample]:
+    """Stream samples from a JSONL file, validating each row.
+
+    ``image_root`` defaults to the file's folder. With ``skip_invalid`` bad rows are appended to ``errors`` (when
+    given) and skipped instead of raising.
+    """
+    path = Path(path)
+    root = image_root if image_root is not None else path.parent
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(str(path), lineno, None, f"not valid JSON: {err.msg}") from None
+                sample = validate_row(row, file=str(path), index=lineno)
+                if check_files:
+                    check_images(sample, root, file=str(path), index=lineno)
+            except DataError as err:
+                if not skip_invalid:
+                    raise
+                if errors is not None:
+                    errors.append(err)
+                continue
+            yield sample
+
+
+def write_jsonl(samples: Iterable[Sample], path: str | Path) -> int:
+    """Write samples to ``path`` atomically (a temporary file renamed into place); returns the count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for sample in samples:
+            handle.write(sample.model_dump_json(exclude_none=True) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
