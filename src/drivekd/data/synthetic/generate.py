@@ -1,0 +1,200 @@
+"""Write synthetic Drive-KD splits: images under ``images/<split>/`` and ``<split>.jsonl`` of :class:`Sample`
+rows.
+
+Each scene draws from its own ``random.Random`` keyed by domain, split, seed and index, so a run is
+byte-identical for a given seed, splits never share a scene stream, and any scene can be regenerated alone. A
+driving scene is rendered once and asked every question type once per view setting.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from PIL import Image
+
+from drivekd.data.cameras import CAMERAS
+from drivekd.data.schema import TASK_TO_CAPABILITY, ImageRef, Sample, write_jsonl
+from drivekd.data.synthetic.questions import QA, QUESTION_TYPES, SceneViews, ask_driving, ask_general
+from drivekd.data.synthetic.render import render_shapes, render_views
+from drivekd.data.synthetic.scene import sample_scene, sample_shapes
+
+Views = Literal["single", "multi", "both"]
+Domain = Literal["driving", "general"]
+ImageFormat = Literal["png", "jpg"]
+DEFAULT_SIZE = (256, 144)
+SPLIT_SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+@dataclass
+class SplitSummary:
+    """What :func:`generate_split` wrote."""
+
+    split: str
+    path: Path  # the JSONL file
+    scenes: int = 0
+    images: int = 0
+    samples: int = 0
+    by_question_type: Counter[str] = field(default_factory=Counter)
+    by_capability: Counter[str] = field(default_factory=Counter)
+    by_kind: Counter[str] = field(default_factory=Counter)
+    by_views: Counter[str] = field(default_factory=Counter)
+
+    def count(self, sample: Sample) -> None:
+        self.samples += 1
+        self.by_question_type[sample.meta["question_type"]] += 1
+        self.by_capability[sample.capability] += 1
+        self.by_kind[sample.kind] += 1
+        self.by_views[sample.meta["views"]] += 1
+
+
+def _scene_rng(domain: str, split: str, seed: int, index: int) -> random.Random:
+    return random.Random(f"drivekd-synthetic:{domain}:{split}:{seed}:{index}")
+
+
+def _save(image: Image.Image, out_dir: Path, rel: Path) -> str:
+    path = out_dir / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if rel.suffix == ".png":
+        image.save(path, format="PNG", compress_level=6)
+    else:
+        image.save(path, format="JPEG", quality=90)
+    return rel.as_posix()
+
+
+def _sample(qa: QA, sample_id: str, images: list[ImageRef], scene_id: str, domain: str, views: str) -> Sample:
+    task = "perception" if domain == "general" else QUESTION_TYPES[qa.question_type]
+    return Sample(
+        id=sample_id,
+        images=images,
+        question=qa.question,
+        answer=qa.answer,
+        rationale=qa.rationale,
+        capability=TASK_TO_CAPABILITY[task],
+        task=task,
+        kind=qa.kind,
+        options=qa.options,
+        objects=qa.objects,
+        scene_id=scene_id,
+        frame_id="0",
+        meta={"domain": domain, "views": views, "question_type": qa.question_type, "gt": qa.gt},
+    )
+
+
+def _driving(
+    out_dir: Path,
+    split: str,
+    seed: int,
+    index: int,
+    views: Views,
+    size: tuple[int, int],
+    ext: str,
+    summary: SplitSummary,
+) -> Iterator[Sample]:
+    rng = _scene_rng("driving", split, seed, index)
+    scene_id = f"synth-{split}-{seed}-{index:06d}"
+    scene = sample_scene(rng, scene_id)
+    rendered = render_views(scene, ("CAM_FRONT",) if views == "single" else CAMERAS, size)
+    folder = Path("images") / split / f"{index:06d}"
+    refs = {
+        v.camera: ImageRef(camera=v.camera, path=_save(v.image, out_dir, folder / f"{v.camera}.{ext}"))
+        for v in rendered
+    }
+    summary.images += len(refs)
+    for setting in ("single", "multi") if views == "both" else (views,):
+        cams = ("CAM_FRONT",) if setting == "single" else CAMERAS
+        seen = SceneViews.of(setting, [v for v in rendered if v.camera in cams])
+        images = [refs[c] for c in cams]
+        for k, qa in enumerate(ask_driving(scene, seen, rng)):
+            yield _sample(qa, f"{scene_id}-{setting}-{k:02d}", images, scene_id, "driving", setting)
+
+
+def _general(
+    out_dir: Path, split: str, seed: int, index: int, size: tuple[int, int], ext: str, summary: SplitSummary
+) -> Iterator[Sample]:
+    rng = _scene_rng("general", split, seed, index)
+    scene_id = f"general-{split}-{seed}-{index:06d}"
+    scene = sample_shapes(rng, scene_id)
+    rel = _save(render_shapes(scene, size), out_dir, Path("images") / split / f"general-{index:06d}.{ext}")
+    summary.images += 1
+    images = [ImageRef(camera="CAM_FRONT", path=rel)]
+    for k, qa in enumerate(ask_general(scene, rng)):
+        yield _sample(qa, f"{scene_id}-{k:02d}", images, scene_id, "general", "single")
+
+
+def generate_split(
+    out_dir: str | Path,
+    *,
+    n_scenes: int,
+    seed: int,
+    views: Views = "both",
+    image_size: tuple[int, int] = DEFAULT_SIZE,
+    split: str = "train",
+    domain: Domain = "driving",
+    image_format: ImageFormat = "png",
+) -> SplitSummary:
+    """Generate ``n_scenes`` scenes into ``out_dir/images/<split>/`` and ``out_dir/<split>.jsonl``.
+
+    ``views`` picks the CAM_FRONT-only setting, the six-camera setting, or both from the same rendering.
+    The general domain (plain coloured shapes, ``meta["domain"] == "general"``) ignores ``views``. Image paths
+    are relative to ``out_dir``, the folder :func:`~drivekd.data.schema.read_jsonl` resolves them against.
+    """
+    if n_scenes < 0:
+        raise ValueError(f"n_scenes must be >= 0, got {n_scenes}")
+    if views not in ("single", "multi", "both"):
+        raise ValueError(f"views must be 'single', 'multi' or 'both', got {views!r}")
+    if domain not in ("driving", "general"):
+        raise ValueError(f"domain must be 'driving' or 'general', got {domain!r}")
+    out_dir = Path(out_dir)
+    summary = SplitSummary(split, out_dir / f"{split}.jsonl")
+    ext = "jpg" if image_format == "jpg" else "png"
+
+    def samples() -> Iterator[Sample]:
+        for index in range(n_scenes):
+            summary.scenes += 1
+            if domain == "general":
+                scene_samples = _general(out_dir, split, seed, index, image_size, ext, summary)
+            else:
+                scene_samples = _driving(out_dir, split, seed, index, views, image_size, ext, summary)
+            for sample in scene_samples:
+                summary.count(sample)
+                yield sample
+
+    write_jsonl(samples(), summary.path)
+    return summary
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    *,
+    n_scenes: Mapping[str, int] | int,
+    seed: int,
+    views: Views = "both",
+    image_size: tuple[int, int] = DEFAULT_SIZE,
+    domain: Domain = "driving",
+    image_format: ImageFormat = "png",
+) -> dict[str, SplitSummary]:
+    """Generate several splits (an int is shared 80/10/10 over train/val/test).
+
+    Every split uses ``seed``; the split name in each scene's random stream keeps the splits' scenes disjoint.
+    """
+    if isinstance(n_scenes, int):
+        val = test = round(n_scenes * SPLIT_SHARES["val"])
+        n_scenes = {"train": n_scenes - val - test, "val": val, "test": test}
+    return {
+        split: generate_split(
+            out_dir,
+            n_scenes=n,
+            seed=seed,
+            views=views,
+            image_size=image_size,
+            split=split,
+            domain=domain,
+            image_format=image_format,
+        )
+        for split, n in n_scenes.items()
+    }
