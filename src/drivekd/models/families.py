@@ -1,0 +1,347 @@
+"""Model-family adapters: how to load a real VLM, build a tiny one offline, and find its decoder layers.
+
+Each adapter knows one transformers-native family. Real checkpoints load with ``from_pretrained`` from a hub id or a
+local path; tiny models are built from configs with an offline tokenizer and PIL image processor, so tests and the
+demo exercise the same model classes as real runs.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    GotOcr2ImageProcessorPil,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+)
+
+from drivekd.models.tokenizer import build_tokenizer
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Shape of a tiny decoder and vision tower. Teacher and student differ in depth, width and heads."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vision_hidden: int = 32
+    vision_depth: int = 1
+    vision_heads: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+
+# Both keep head_dim 16 (Qwen's mrope sections must sum to head_dim / 2) and use grouped-query attention.
+TINY_TEACHER = TinySize(
+    hidden=64, layers=6, heads=4, kv_heads=2, intermediate=128, vision_hidden=48, vision_depth=2
+)
+TINY_STUDENT = TinySize(hidden=32, layers=4, heads=2, kv_heads=1, intermediate=64)
+
+
+def _without_video(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
+    """A processor subclass that accepts ``video_processor=None``.
+
+    The Qwen and InternVL processors type-check every slot, and their video processors need torchvision, which is
+    not importable beside the CPU torch wheel; tiny models never see video.
+    """
+
+    class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [name for name in super().get_attributes() if name != "video_processor"]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_cls.__name__
+    return ImageOnly
+
+
+class FamilyAdapter(ABC):
+    """What the rest of Drive-KD needs to know about one VLM family."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    model_cls: ClassVar[type[PreTrainedModel]]
+    processor_cls: ClassVar[type[ProcessorMixin]]
+    # Named special tokens the family's processor reads from its tokenizer.
+    special_tokens: ClassVar[dict[str, str]]
+    chat_tokens: ClassVar[tuple[str, ...]] = ("<|im_start|>", "<|im_end|>")
+    pad_token: ClassVar[str] = "<|endoftext|>"
+    eos_token: ClassVar[str] = "<|im_end|>"
+    # The image placeholder the chat template writes for each image (the processor expands it).
+    chat_template: ClassVar[str]
+
+    def load(
+        self, name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", **kwargs: Any
+    ) -> tuple[PreTrainedModel, ProcessorMixin]:
+        """Load a real checkpoint and its processor (hub id or local folder)."""
+        model = self.model_cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+        return model, self.load_processor(name_or_path)
+
+    def load_processor(self, name_or_path: str | Path) -> ProcessorMixin:
+        """The family's processor; a saved image-only processor (no video processor files) loads as such."""
+        folder = Path(name_or_path)
+        if folder.is_dir() and not (folder / "video_preprocessor_config.json").exists():
+            return _without_video(self.processor_cls).from_pretrained(folder)
+        return AutoProcessor.from_pretrained(name_or_path)
+
+    def tiny_tokenizer(self) -> Any:
+        return build_tokenizer(
+            self.special_tokens,
+            chat_tokens=self.chat_tokens,
+            pad_token=self.pad_token,
+            eos_token=self.eos_token,
+            chat_template=self.chat_template,
+        )
+
+    @abstractmethod
+    def tiny_processor(self, tokenizer: Any, image_size: tuple[int, int]) -> ProcessorMixin:
+        """A processor over ``tokenizer`` that turns an image of ``image_size`` (W, H) into a few vision tokens."""
+
+    @abstractmethod
+    def tiny_config(self, size: TinySize, tokenizer: Any, image_size: tuple[int, int]) -> PretrainedConfig:
+        """A config of the family's real class with the given shape."""
+
+    def tiny_model(
+        self, size: TinySize, tokenizer: Any, image_size: tuple[int, int], *, seed: int
+    ) -> PreTrainedModel:
+        torch.manual_seed(seed)
+        model = self.model_cls(self.tiny_config(size, tokenizer, image_size))
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model.eval()
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The language model's decoder layers, in order (index 0 is the paper's layer 1)."""
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return inner.model.language_model.layers
+
+    def text_config(self, model: PreTrainedModel) -> PretrainedConfig:
+        return model.config.get_text_config()
+
+    def image_token_id(self, model: PreTrainedModel) -> int:
+        return int(model.config.image_token_id)
+
+    def _text_kwargs(self, size: TinySize, tokenizer: Any) -> dict[str, Any]:
+        return {
+            "vocab_size": len(tokenizer),
+            "hidden_size": size.hidden,
+            "intermediate_size": size.intermediate,
+            "num_hidden_layers": size.layers,
+            "num_attention_heads": size.heads,
+            "num_key_value_heads": size.kv_heads,
+            "max_position_embeddings": 4096,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": None,
+        }
+
+
+_QWEN_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class _QwenAdapter(FamilyAdapter):
+    special_tokens: ClassVar[dict[str, str]] = {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+    }
+    chat_template = _QWEN_TEMPLATE
+    patch_size: ClassVar[int] = 14
+
+    def tiny_processor(self, tokenizer: Any, image_size: tuple[int, int]) -> ProcessorMixin:
+        pixels = image_size[0] * image_size[1]
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=self.patch_size,
+            merge_size=2,
+            temporal_patch_size=2,
+            size={"shortest_edge": pixels, "longest_edge": pixels},
+        )
+        return _without_video(self.processor_cls)(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            chat_template=self.chat_template,
+        )
+
+    def _vision_token_ids(self, tokenizer: Any) -> dict[str, int]:
+        return {
+            "image_token_id": tokenizer.image_token_id,
+            "video_token_id": tokenizer.video_token_id,
+            "vision_start_token_id": tokenizer.vision_start_token_id,
+            "vision_end_token_id": tokenizer.vision_end_token_id,
+        }
+
+
+class Qwen25VLAdapter(_QwenAdapter):
+    name = "qwen2_5_vl"
+    model_types = ("qwen2_5_vl",)
+    model_cls = Qwen2_5_VLForConditionalGeneration
+    processor_cls = Qwen2_5_VLProcessor
+
+    def tiny_config(self, size: TinySize, tokenizer: Any, image_size: tuple[int, int]) -> PretrainedConfig:
+        half = size.head_dim // 2
+        section = [half - 2 * (half // 3), half // 3, half // 3]
+        text = self._text_kwargs(size, tokenizer) | {
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        }
+        vision = {
+            "depth": size.vision_depth,
+            "hidden_size": size.vision_hidden,
+            "num_heads": size.vision_heads,
+            "intermediate_size": 2 * size.vision_hidden,
+            "out_hidden_size": size.hidden,
+            "patch_size": self.patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 2 * self.patch_size * 2,
+            "fullatt_block_indexes": [size.vision_depth - 1],
+        }
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **self._vision_token_ids(tokenizer))
+
+
+class Qwen3VLAdapter(_QwenAdapter):
+    name = "qwen3_vl"
+    model_types = ("qwen3_vl",)
+    model_cls = Qwen3VLForConditionalGeneration
+    processor_cls = Qwen3VLProcessor
+    patch_size = 16
+
+    def tiny_config(self, size: TinySize, tokenizer: Any, image_size: tuple[int, int]) -> PretrainedConfig:
+        half = size.head_dim // 2
+        section = [half - 2 * (half // 3), half // 3, half // 3]
+        text = self._text_kwargs(size, tokenizer) | {
+            "head_dim": size.head_dim,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": section,
+                "mrope_interleaved": True,
+            },
+        }
+        vision = {
+            "depth": size.vision_depth,
+            "hidden_size": size.vision_hidden,
+            "num_heads": size.vision_heads,
+            "intermediate_size": 2 * size.vision_hidden,
+            "out_hidden_size": size.hidden,
+            "patch_size": self.patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        }
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **self._vision_token_ids(tokenizer))
+
+
+class InternVLAdapter(FamilyAdapter):
+    name = "internvl"
+    model_types = ("internvl",)
+    model_cls = InternVLForConditionalGeneration
+    processor_cls = InternVLProcessor
+    special_tokens: ClassVar[dict[str, str]] = {
+        "start_image_token": "<img>",
+        "end_image_token": "</img>",
+        "context_image_token": "<IMG_CONTEXT>",
+        "video_token": "<video>",
+    }
+    chat_template = (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}<IMG_CONTEXT>\n"
+        "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    patch_size: ClassVar[int] = 14
+
+    def _tile(self, image_size: tuple[int, int]) -> int:
+        """Square tile side: InternVL resizes each image to one tile (a multiple of 2 patches)."""
+        step = 2 * self.patch_size
+        return max(step, round(min(image_size) / step) * step)
+
+    def tiny_processor(self, tokenizer: Any, image_size: tuple[int, int]) -> ProcessorMixin:
+        tile = self._tile(image_size)
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": tile, "width": tile}, crop_to_patches=True, max_patches=2
+        )
+        return _without_video(self.processor_cls)(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            image_seq_length=(tile // self.patch_size) ** 2 // 4,
+            chat_template=self.chat_template,
+        )
+
+    def tiny_config(self, size: TinySize, tokenizer: Any, image_size: tuple[int, int]) -> PretrainedConfig:
+        tile = self._tile(image_size)
+        vision = {
+            "hidden_size": size.vision_hidden,
+            "num_hidden_layers": size.vision_depth,
+            "num_attention_heads": size.vision_heads,
+            "intermediate_size": 2 * size.vision_hidden,
+            "image_size": [tile, tile],
+            "patch_size": [self.patch_size, self.patch_size],
+        }
+        return InternVLConfig(
+            text_config={"model_type": "qwen2", **self._text_kwargs(size, tokenizer)},
+            vision_config=vision,
+            image_token_id=tokenizer.context_image_token_id,
+            image_seq_length=(tile // self.patch_size) ** 2 // 4,
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+        )
+
+
+FAMILIES: dict[str, FamilyAdapter] = {
+    a.name: a for a in (Qwen25VLAdapter(), InternVLAdapter(), Qwen3VLAdapter())
+}
+
+
+def get_family(name: str) -> FamilyAdapter:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}") from None
+
+
+def family_of(model_or_config: PreTrainedModel | PretrainedConfig) -> FamilyAdapter:
+    """The adapter for a loaded model or config, by its ``model_type``."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    for adapter in FAMILIES.values():
+        if model_type in adapter.model_types:
+            return adapter
+    raise ValueError(f"model type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}")
+
+
+def load_pretrained(name_or_path: str | Path, **kwargs: Any) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Load any supported VLM by reading its config first to pick the family."""
+    return family_of(AutoConfig.from_pretrained(name_or_path)).load(name_or_path, **kwargs)
