@@ -1,0 +1,35 @@
+# `make test` and the other targets create .venv on first use and install what they need.
+# TORCH: the CPU wheel pinned for this project's machines; override it for a CUDA machine (e.g. TORCH=torch).
+VENV ?= .venv
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.drivekd-installed
+
+.PHONY: install test lint bench-capture bench-capture-quick clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff format --check src tests
+
+bench-capture: $(STAMP)
+	$(VENV)/bin/drivekd bench capture --json runs/bench-capture.json
+
+bench-capture-quick: $(STAMP)
+	$(VENV)/bin/drivekd bench capture --quick --json runs/bench-capture-quick.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,188 @@
+"""The ``drivekd`` command line: data preparation, tiny models and benchmarks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from drivekd.errors import DriveKDError
+
+app = typer.Typer(
+    help="Drive-KD: distil driving VLMs with capability-specific attention signals.", no_args_is_help=True
+)
+data_app = typer.Typer(help="Import, generate and validate driving VQA data (JSONL).", no_args_is_help=True)
+models_app = typer.Typer(help="Build tiny teacher/student pairs.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Benchmarks that print ratios measured side by side in one run.", no_args_is_help=True
+)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(bench_app, name="bench")
+console = Console(stderr=True, soft_wrap=True)
+
+SkipInvalid = Annotated[
+    bool, typer.Option("--skip-invalid", help="Report and skip bad rows instead of stopping.")
+]
+ImageRoot = Annotated[Path, typer.Option("--image-root", help="Folder that image paths are relative to.")]
+
+
+def _fail(err: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(str(err))}")
+    return typer.Exit(code=2)
+
+
+def _write_import(result: object, out: Path) -> None:
+    from drivekd.data.schema import write_jsonl
+
+    count = write_jsonl(result.samples, out)  # type: ignore[attr-defined]
+    for err in result.errors:  # type: ignore[attr-defined]
+        console.print(f"[yellow]skipped[/yellow] {escape(str(err))}")
+    console.print(f"wrote {count} samples to {out} ({len(result.errors)} skipped)")  # type: ignore[attr-defined]
+
+
+@data_app.command("import-drivelm")
+def import_drivelm_cmd(
+    path: Path,
+    out: Annotated[Path, typer.Option("--out")],
+    image_root: ImageRoot,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Convert a DriveLM challenge file (test_eval.json, train_sample.json) to Drive-KD JSONL."""
+    from drivekd.data.drivelm import import_drivelm
+
+    try:
+        _write_import(import_drivelm(path, image_root, skip_invalid=skip_invalid), out)
+    except DriveKDError as err:
+        raise _fail(err) from None
+
+
+@data_app.command("import-drivebench")
+def import_drivebench_cmd(
+    path: Path,
+    out: Annotated[Path, typer.Option("--out")],
+    image_root: ImageRoot,
+    skip_invalid: SkipInvalid = False,
+) -> None:
+    """Convert a DriveBench QA file (flat JSON list) to Drive-KD JSONL."""
+    from drivekd.data.drivebench import import_drivebench
+
+    try:
+        _write_import(import_drivebench(path, image_root, skip_invalid=skip_invalid), out)
+    except DriveKDError as err:
+        raise _fail(err) from None
+
+
+@data_app.command("export-drivebench")
+def export_drivebench_cmd(
+    path: Path, out: Annotated[Path, typer.Option("--out")], image_root: ImageRoot | None = None
+) -> None:
+    """Write Drive-KD JSONL as a DriveBench QA file."""
+    from drivekd.data.drivebench import to_drivebench
+    from drivekd.data.schema import read_jsonl
+
+    try:
+        rows = to_drivebench(read_jsonl(path, image_root=image_root))
+    except DriveKDError as err:
+        raise _fail(err) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=1))
+    console.print(f"wrote {len(rows)} DriveBench rows to {out}")
+
+
+@data_app.command("validate")
+def validate_cmd(path: Path, image_root: ImageRoot | None = None, skip_invalid: SkipInvalid = False) -> None:
+    """Check every row of a JSONL file (schema, tags, cameras, images on disk) and summarise it."""
+    from collections import Counter
+
+    from drivekd.data.schema import read_jsonl
+
+    errors: list = []
+    try:
+        samples = list(read_jsonl(path, image_root=image_root, skip_invalid=skip_invalid, errors=errors))
+    except DriveKDError as err:
+        raise _fail(err) from None
+    for err in errors:
+        console.print(f"[yellow]invalid[/yellow] {escape(str(err))}")
+    table = Table(title=f"{path}: {len(samples)} valid samples, {len(errors)} invalid")
+    for column in ("capability", "task", "kind", "views", "count"):
+        table.add_column(column)
+    counts = Counter((s.capability, s.task, s.kind, "multi" if s.multi_view else "single") for s in samples)
+    for key, count in sorted(counts.items()):
+        table.add_row(*key, str(count))
+    Console().print(table)
+    if errors:
+        raise typer.Exit(code=1)
+
+
+@data_app.command("synth")
+def synth_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (JSONL per split + images).")],
+    train: Annotated[int, typer.Option(help="Scenes in the train split.")] = 200,
+    val: Annotated[int, typer.Option(help="Scenes in the val split.")] = 40,
+    test: Annotated[int, typer.Option(help="Scenes in the test split.")] = 40,
+    seed: int = 0,
+) -> None:
+    """Generate the procedural synthetic driving set (single front view and six nuScenes cameras)."""
+    from drivekd.data.synthetic import generate_dataset
+
+    report = generate_dataset(out, n_scenes={"train": train, "val": val, "test": test}, seed=seed)
+    console.print(f"wrote {report} under {out}")
+
+
+@models_app.command("tiny")
+def tiny_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Folder for teacher/ and student/.")],
+    family: Annotated[str, typer.Option(help="qwen2_5_vl | internvl | qwen3_vl")] = "qwen2_5_vl",
+    seed: int = 0,
+) -> None:
+    """Build a tiny random teacher/student pair offline and save it in Hugging Face format."""
+    from drivekd.models.pair import build_tiny_pair
+
+    try:
+        pair = build_tiny_pair(family, seed=seed)
+    except ValueError as err:
+        raise _fail(err) from None
+    pair.save(out)
+    console.print(f"saved {family} teacher and student under {out}")
+
+
+@bench_app.command("capture")
+def bench_capture_cmd(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A smaller decoder that finishes in about a minute.")
+    ] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: float32)")] = None,
+) -> None:
+    """Cost of attention capture vs a plain SDPA SFT step (one fresh process per variant)."""
+    from drivekd.bench.capture import config_for, run
+
+    cfg = config_for(quick, device=device, dtype=dtype)
+    console.print(
+        f"decoder hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads}/{cfg.kv_heads} heads; L = {cfg.length} with "
+        f"{cfg.vision_tokens} vision tokens; {cfg.device} {cfg.dtype}"
+    )
+    report = run(cfg)
+    table = Table(title="attention capture vs plain SFT step (same run)")
+    for column in ("variant", "step time (s)", "peak memory growth (MB)", "time ratio", "memory ratio"):
+        table.add_column(column, justify="right")
+    for variant, result in report["results"].items():
+        ratio = report["ratios"][variant]
+        table.add_row(
+            variant,
+            f"{result['seconds']:.2f}",
+            f"{result['peak_bytes'] / 2**20:.0f}",
+            f"{ratio['time_ratio']:.3f}x",
+            f"{ratio['memory_ratio']:.3f}x",
+        )
+    Console().print(table)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))

@@ -1,0 +1,95 @@
+"""The drivekd command line as a user runs it, and the capture benchmark end to end on a micro decoder."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from drivekd.bench.capture import VARIANTS, CaptureBenchConfig, run
+from drivekd.cli import app
+from drivekd.data.schema import read_jsonl
+
+runner = CliRunner()
+
+
+def test_import_validate_export(tmp_path, shared_drivelm):
+    out = tmp_path / "eval.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "import-drivelm",
+            str(shared_drivelm / "test_eval.json"),
+            "--out",
+            str(out),
+            "--image-root",
+            str(shared_drivelm),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    samples = list(read_jsonl(out, image_root=shared_drivelm))
+    assert len(samples) == 66
+    result = runner.invoke(app, ["data", "validate", str(out), "--image-root", str(shared_drivelm)])
+    assert result.exit_code == 0 and "66 valid samples" in result.output
+    bench = tmp_path / "bench.json"
+    result = runner.invoke(
+        app, ["data", "export-drivebench", str(out), "--out", str(bench), "--image-root", str(shared_drivelm)]
+    )
+    assert result.exit_code == 0, result.output
+    again = tmp_path / "again.jsonl"
+    result = runner.invoke(
+        app,
+        ["data", "import-drivebench", str(bench), "--out", str(again), "--image-root", str(shared_drivelm)],
+    )
+    assert result.exit_code == 0, result.output
+    assert [s.question for s in read_jsonl(again, image_root=shared_drivelm)] == [s.question for s in samples]
+
+
+def test_bad_input_is_a_named_error_and_skip_invalid_keeps_the_rest(tmp_path, shared_drivelm):
+    rows = json.loads((shared_drivelm / "test_eval.json").read_text())
+    scene = next(iter(rows))
+    frame = next(iter(rows[scene]["key_frames"]))
+    rows[scene]["key_frames"][frame]["QA"]["perception"][0]["Q"] += " <c9,CAM_TOP,10,10>"
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(rows))
+    out = tmp_path / "out.jsonl"
+    args = ["data", "import-drivelm", str(broken), "--out", str(out), "--image-root", str(shared_drivelm)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert f"{scene}/{frame}/QA/perception/0" in result.output and "CAM_TOP" in result.output
+    assert not out.exists()
+    result = runner.invoke(app, [*args, "--skip-invalid"])
+    assert result.exit_code == 0 and "65 samples" in result.output and "1 skipped" in result.output
+
+
+def test_models_tiny_saves_a_loadable_pair(tmp_path):
+    result = runner.invoke(app, ["models", "tiny", "--out", str(tmp_path), "--family", "internvl"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "teacher" / "model.safetensors").is_file()
+    assert (tmp_path / "student" / "config.json").is_file()
+    result = runner.invoke(app, ["models", "tiny", "--out", str(tmp_path), "--family", "llama"])
+    assert result.exit_code == 2 and "unknown model family" in result.output
+
+
+def test_capture_benchmark_reports_ratios_for_every_variant():
+    micro = CaptureBenchConfig(
+        hidden=32,
+        layers=3,
+        heads=4,
+        kv_heads=2,
+        intermediate=64,
+        vocab=512,
+        grid=(8, 8),
+        text_before=4,
+        text_after=12,
+        answer=6,
+        steps=1,
+    )
+    report = run(micro)
+    assert set(report["ratios"]) == set(VARIANTS)
+    assert report["ratios"]["sft"] == {"time_ratio": 1.0, "memory_ratio": 1.0}
+    for variant in VARIANTS:
+        result = report["results"][variant]
+        assert result["seconds"] > 0 and result["peak_bytes"] > 0
+        assert result["vision_tokens"] == 16 and result["length"] == micro.length
