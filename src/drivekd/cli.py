@@ -37,45 +37,39 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def _write_import(result: object, out: Path) -> None:
+def _import(fmt: str, path: Path, out: Path, image_root: Path, skip_invalid: bool) -> None:
+    from drivekd.data.drivebench import import_drivebench
+    from drivekd.data.drivelm import import_drivelm
     from drivekd.data.schema import write_jsonl
 
-    count = write_jsonl(result.samples, out)  # type: ignore[attr-defined]
-    for err in result.errors:  # type: ignore[attr-defined]
+    importer = import_drivelm if fmt == "drivelm" else import_drivebench
+    try:
+        result = importer(path, image_root, skip_invalid=skip_invalid)
+    except DriveKDError as err:
+        raise _fail(err) from None
+    count = write_jsonl(result.samples, out)
+    for err in result.errors:
         console.print(f"[yellow]skipped[/yellow] {escape(str(err))}")
-    console.print(f"wrote {count} samples to {out} ({len(result.errors)} skipped)")  # type: ignore[attr-defined]
+    console.print(f"wrote {count} samples to {out} ({len(result.errors)} skipped)")
+
+
+Out = Annotated[Path, typer.Option("--out", help="Drive-KD JSONL to write.")]
 
 
 @data_app.command("import-drivelm")
 def import_drivelm_cmd(
-    path: Path,
-    out: Annotated[Path, typer.Option("--out")],
-    image_root: ImageRoot,
-    skip_invalid: SkipInvalid = False,
+    path: Path, out: Out, image_root: ImageRoot, skip_invalid: SkipInvalid = False
 ) -> None:
     """Convert a DriveLM challenge file (test_eval.json, train_sample.json) to Drive-KD JSONL."""
-    from drivekd.data.drivelm import import_drivelm
-
-    try:
-        _write_import(import_drivelm(path, image_root, skip_invalid=skip_invalid), out)
-    except DriveKDError as err:
-        raise _fail(err) from None
+    _import("drivelm", path, out, image_root, skip_invalid)
 
 
 @data_app.command("import-drivebench")
 def import_drivebench_cmd(
-    path: Path,
-    out: Annotated[Path, typer.Option("--out")],
-    image_root: ImageRoot,
-    skip_invalid: SkipInvalid = False,
+    path: Path, out: Out, image_root: ImageRoot, skip_invalid: SkipInvalid = False
 ) -> None:
     """Convert a DriveBench QA file (flat JSON list) to Drive-KD JSONL."""
-    from drivekd.data.drivebench import import_drivebench
-
-    try:
-        _write_import(import_drivebench(path, image_root, skip_invalid=skip_invalid), out)
-    except DriveKDError as err:
-        raise _fail(err) from None
+    _import("drivebench", path, out, image_root, skip_invalid)
 
 
 @data_app.command("export-drivebench")
@@ -126,13 +120,47 @@ def synth_cmd(
     train: Annotated[int, typer.Option(help="Scenes in the train split.")] = 200,
     val: Annotated[int, typer.Option(help="Scenes in the val split.")] = 40,
     test: Annotated[int, typer.Option(help="Scenes in the test split.")] = 40,
+    views: Annotated[str, typer.Option(help="single (front view), multi (six cameras) or both")] = "both",
+    domain: Annotated[
+        str, typer.Option(help="driving, or general (plain shapes, for the pre-study)")
+    ] = "driving",
+    width: Annotated[int, typer.Option(help="Image width in pixels.")] = 256,
+    height: Annotated[int, typer.Option(help="Image height in pixels.")] = 144,
     seed: int = 0,
 ) -> None:
-    """Generate the procedural synthetic driving set (single front view and six nuScenes cameras)."""
+    """Generate the procedural synthetic driving set (single front view and/or six nuScenes cameras)."""
     from drivekd.data.synthetic import generate_dataset
 
-    report = generate_dataset(out, n_scenes={"train": train, "val": val, "test": test}, seed=seed)
-    console.print(f"wrote {report} under {out}")
+    if views not in ("single", "multi", "both") or domain not in ("driving", "general"):
+        raise _fail(
+            ValueError(
+                f"--views must be single|multi|both and --domain driving|general, got {views}, {domain}"
+            )
+        )
+    summaries = generate_dataset(
+        out,
+        n_scenes={"train": train, "val": val, "test": test},
+        seed=seed,
+        views=views,  # type: ignore[arg-type]
+        image_size=(width, height),
+        domain=domain,  # type: ignore[arg-type]
+    )
+    table = Table(title=f"synthetic {domain} data under {out}")
+    for column in ("split", "scenes", "images", "samples", "perception", "reasoning", "planning", "file"):
+        table.add_column(column)
+    for summary in summaries.values():
+        caps = summary.by_capability
+        table.add_row(
+            summary.split,
+            str(summary.scenes),
+            str(summary.images),
+            str(summary.samples),
+            str(caps["perception"]),
+            str(caps["reasoning"]),
+            str(caps["planning"]),
+            str(summary.path),
+        )
+    Console().print(table)
 
 
 @models_app.command("tiny")

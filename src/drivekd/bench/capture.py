@@ -28,6 +28,7 @@ from drivekd.bench.measure import WORKER_ENV, measure
 from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture_attention
 from drivekd.data.roles import TVIndex
 from drivekd.losses import full_attention_mse, head_mean, supervised_loss, text_to_vision_mse_blocks
+from drivekd.models.families import mrope_section
 
 VARIANTS = ("sft", "eager", "tv", "full")
 
@@ -82,9 +83,7 @@ QUICK = CaptureBenchConfig(
 
 
 def _model(cfg: CaptureBenchConfig) -> Qwen2_5_VLForConditionalGeneration:
-    head_dim = cfg.hidden // cfg.heads
     ids = cfg.special_ids
-    half = head_dim // 2
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": cfg.vocab,
@@ -100,7 +99,7 @@ def _model(cfg: CaptureBenchConfig) -> Qwen2_5_VLForConditionalGeneration:
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1e6,
-                "mrope_section": [half - 2 * (half // 3), half // 3, half // 3],
+                "mrope_section": mrope_section(cfg.hidden // cfg.heads),
             },
         },
         vision_config={

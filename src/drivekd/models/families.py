@@ -61,6 +61,12 @@ TINY_TEACHER = TinySize(
 TINY_STUDENT = TinySize(hidden=32, layers=4, heads=2, kv_heads=1, intermediate=64)
 
 
+def mrope_section(head_dim: int) -> list[int]:
+    """Qwen's multimodal-rope split of head_dim / 2 rotary pairs over (time, height, width)."""
+    half = head_dim // 2
+    return [half - 2 * (half // 3), half // 3, half // 3]
+
+
 def _without_video(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
     """A processor subclass that accepts ``video_processor=None``.
 
@@ -192,6 +198,30 @@ class _QwenAdapter(FamilyAdapter):
             chat_template=self.chat_template,
         )
 
+    def _rope(self, size: TinySize, **extra: Any) -> dict[str, Any]:
+        section = mrope_section(size.head_dim)
+        return {
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 10000.0,
+                "mrope_section": section,
+                **extra,
+            }
+        }
+
+    def _vision(self, size: TinySize, **extra: Any) -> dict[str, Any]:
+        return {
+            "depth": size.vision_depth,
+            "hidden_size": size.vision_hidden,
+            "num_heads": size.vision_heads,
+            "intermediate_size": 2 * size.vision_hidden,
+            "out_hidden_size": size.hidden,
+            "patch_size": self.patch_size,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            **extra,
+        }
+
     def _vision_token_ids(self, tokenizer: Any) -> dict[str, int]:
         return {
             "image_token_id": tokenizer.image_token_id,
@@ -208,23 +238,10 @@ class Qwen25VLAdapter(_QwenAdapter):
     processor_cls = Qwen2_5_VLProcessor
 
     def tiny_config(self, size: TinySize, tokenizer: Any, image_size: tuple[int, int]) -> PretrainedConfig:
-        half = size.head_dim // 2
-        section = [half - 2 * (half // 3), half // 3, half // 3]
-        text = self._text_kwargs(size, tokenizer) | {
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-        }
-        vision = {
-            "depth": size.vision_depth,
-            "hidden_size": size.vision_hidden,
-            "num_heads": size.vision_heads,
-            "intermediate_size": 2 * size.vision_hidden,
-            "out_hidden_size": size.hidden,
-            "patch_size": self.patch_size,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 2 * self.patch_size * 2,
-            "fullatt_block_indexes": [size.vision_depth - 1],
-        }
+        text = self._text_kwargs(size, tokenizer) | self._rope(size)
+        vision = self._vision(
+            size, window_size=4 * self.patch_size, fullatt_block_indexes=[size.vision_depth - 1]
+        )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **self._vision_token_ids(tokenizer))
 
 
@@ -236,29 +253,12 @@ class Qwen3VLAdapter(_QwenAdapter):
     patch_size = 16
 
     def tiny_config(self, size: TinySize, tokenizer: Any, image_size: tuple[int, int]) -> PretrainedConfig:
-        half = size.head_dim // 2
-        section = [half - 2 * (half // 3), half // 3, half // 3]
-        text = self._text_kwargs(size, tokenizer) | {
-            "head_dim": size.head_dim,
-            "rope_parameters": {
-                "rope_type": "default",
-                "rope_theta": 10000.0,
-                "mrope_section": section,
-                "mrope_interleaved": True,
-            },
-        }
-        vision = {
-            "depth": size.vision_depth,
-            "hidden_size": size.vision_hidden,
-            "num_heads": size.vision_heads,
-            "intermediate_size": 2 * size.vision_hidden,
-            "out_hidden_size": size.hidden,
-            "patch_size": self.patch_size,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 64,
-            "deepstack_visual_indexes": [0],
-        }
+        text = (
+            self._text_kwargs(size, tokenizer)
+            | {"head_dim": size.head_dim}
+            | self._rope(size, mrope_interleaved=True)
+        )
+        vision = self._vision(size, num_position_embeddings=64, deepstack_visual_indexes=[0])
         return Qwen3VLConfig(text_config=text, vision_config=vision, **self._vision_token_ids(tokenizer))
 
 
