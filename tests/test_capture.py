@@ -199,3 +199,31 @@ def test_misuse_gives_clear_errors(image_dir, samples):
             recorder.start()
         with pytest.raises(CaptureError, match="without start"):
             model(**batch.inputs)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_head_mean_probs_backward_equals_autograd_reference(kv_heads):
+    """The hand-written backward equals autograd through softmax().mean(), with GQA and fully masked rows."""
+    from drivekd.capture.maps import HeadMeanProbs
+
+    gen = torch.Generator().manual_seed(kv_heads)
+    batch, heads, rows, keys, dim = 2, 4, 5, 7, 3
+    query = torch.randn(batch, heads, rows, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    key = torch.randn(batch, kv_heads, keys, dim, dtype=torch.float64, generator=gen, requires_grad=True)
+    allowed = torch.rand(batch, rows, keys, generator=gen) > 0.3
+    allowed[0, 1] = False  # a fully masked row (a padding query)
+    weights = torch.randn(batch, rows, keys, dtype=torch.float64, generator=gen)
+
+    def reference(q, k):
+        expanded = k.repeat_interleave(heads // kv_heads, dim=1)
+        scores = (q @ expanded.transpose(-1, -2)) * 0.7
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        return scores.softmax(-1).mean(1)
+
+    ours = HeadMeanProbs.apply(query, key, allowed, 0.7)
+    torch.testing.assert_close(ours, reference(query, key), rtol=0, atol=1e-15)
+    grads = torch.autograd.grad((ours * weights).sum(), (query, key))
+    expected = torch.autograd.grad((reference(query, key) * weights).sum(), (query, key))
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda q, k: HeadMeanProbs.apply(q, k, allowed, 0.7), (query, key))

@@ -1,15 +1,20 @@
 """Head-mean attention probabilities recomputed from a layer's queries and keys (eq. 10).
 
-Fused SDPA kernels never materialise the probabilities, so the maps are recomputed in fp32 from q and k, only for
-the query rows that a loss needs, and in query chunks. The softmax normaliser stays inside autograd: a detached
-log-sum-exp taken from a fused kernel gives wrong student gradients. With ``checkpoint_chunks`` each chunk's (H, c, L)
-probabilities are recomputed in backward instead of being kept, so the memory left behind is the (c, L) head mean.
+Fused SDPA kernels never materialise the probabilities, so the maps are recomputed in (at least) fp32 from q and k,
+only for the query rows that a loss needs, and in query chunks. The softmax normaliser is part of the gradient: a
+detached log-sum-exp taken from a fused kernel gives wrong student gradients.
+
+With ``recompute`` (a student) each chunk goes through :class:`HeadMeanProbs`, which keeps only q, k and the mask
+and rebuilds the (H, c, L) probabilities in backward, so what stays in memory is the (c, L) head mean. Its backward
+applies the softmax gradient of a head mean directly (every head receives dA/H), which is the same mathematics as
+autograd through ``softmax(...).mean()`` with fewer passes over the probabilities.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from torch.utils.checkpoint import checkpoint
 
 
 def allowed_keys(
@@ -31,21 +36,50 @@ def allowed_keys(
     return torch.gather(mask.expand(query_positions.shape[0], -1, -1), 1, rows)
 
 
-def _head_mean_probs(
-    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Softmax probabilities averaged over heads: q (B, H, Lq, D), k (B, Hkv, Lk, D) -> (B, Lq, Lk).
+def _grouped(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, c, D) -> (B, Hkv, G, c, D) and k (B, Hkv, L, D) -> (B, Hkv, 1, L, D), in at least float32.
 
-    Computed in at least float32 (float64 inputs stay float64). Grouped-query attention is handled by grouping
-    query heads over their shared key head instead of repeating k.
+    Grouped-query attention is handled by grouping query heads over their shared key head, not by repeating k.
     """
-    batch, heads, lq, dim = query.shape
+    batch, heads, rows, dim = query.shape
     kv_heads = key.shape[1]
     dtype = torch.promote_types(query.dtype, torch.float32)
-    q = query.to(dtype).reshape(batch, kv_heads, heads // kv_heads, lq, dim)
-    scores = torch.matmul(q, key.to(dtype).unsqueeze(2).transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed[:, None, None], torch.finfo(dtype).min)
-    return scores.softmax(dim=-1).mean(dim=(1, 2))
+    return query.to(dtype).reshape(batch, kv_heads, heads // kv_heads, rows, dim), key.to(dtype).unsqueeze(2)
+
+
+def _probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Per-head softmax probabilities (B, Hkv, G, c, L); disallowed keys get the dtype's minimum score."""
+    q, k = _grouped(query, key)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    scores.masked_fill_(~allowed[:, None, None], torch.finfo(scores.dtype).min)
+    return scores.softmax(dim=-1)
+
+
+class HeadMeanProbs(torch.autograd.Function):
+    """Head-mean softmax probabilities (eq. 10) that recompute the per-head probabilities in backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        ctx.save_for_backward(query, key, allowed)
+        ctx.scale = scale
+        return _probs(query, key, allowed, scale).mean(dim=(1, 2))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        query, key, allowed = ctx.saved_tensors
+        probs = _probs(query, key, allowed, ctx.scale)
+        heads = probs.shape[1] * probs.shape[2]
+        # Each head receives grad / H; softmax backward: dS = P * (dP - sum_j dP_j P_j).
+        weighted = probs * grad.to(probs.dtype)[:, None, None]
+        row = weighted.sum(dim=-1, keepdim=True)
+        scores_grad = weighted.sub_(probs.mul_(row)).mul_(ctx.scale / heads)
+        del probs
+        q, k = _grouped(query, key)
+        grad_query = torch.matmul(scores_grad, k).reshape(query.shape).to(query.dtype)
+        grad_key = torch.matmul(scores_grad.transpose(-1, -2), q).sum(dim=2).to(key.dtype)
+        return grad_query, grad_key, None, None
 
 
 def head_mean_rows(
@@ -56,7 +90,7 @@ def head_mean_rows(
     scale: float,
     *,
     chunk_size: int = 256,
-    checkpoint_chunks: bool = False,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """Head-mean probabilities of the selected query rows against all keys: (B, Lq, Lk).
 
@@ -71,8 +105,8 @@ def head_mean_rows(
         stop = start + chunk_size
         allowed = allowed_keys(attention_mask, query_positions[:, start:stop], key.shape[2])
         q = query[:, :, start:stop]
-        if checkpoint_chunks and torch.is_grad_enabled():
-            chunks.append(checkpoint(_head_mean_probs, q, key, allowed, scale, use_reentrant=False))
+        if recompute and torch.is_grad_enabled():
+            chunks.append(HeadMeanProbs.apply(q, key, allowed, scale))
         else:
-            chunks.append(_head_mean_probs(q, key, allowed, scale))
+            chunks.append(_probs(q, key, allowed, scale).mean(dim=(1, 2)))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)

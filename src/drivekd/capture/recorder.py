@@ -4,7 +4,7 @@ The layer output is always computed by transformers' own SDPA path; at the plann
 probabilities (eq. 10) are recomputed from q and k (see :mod:`drivekd.capture.maps`) in one of two modes:
 
 * ``tv``: text-query rows x vision-key columns (the eq. 12 block), for the perception and planning signals;
-* ``full``: the whole L x L map, query-chunked with each chunk checkpointed, for the reasoning signal.
+* ``full``: the whole L x L map in query chunks whose probabilities are recomputed in backward, for reasoning.
 
 A teacher (``grad=False``) computes its maps inside the layer call. A student (``grad=True``) only keeps references
 to the layer's q and k there and computes the maps in :meth:`AttentionRecorder.collect`, outside the layer. That is
@@ -84,7 +84,7 @@ class CapturePlan:
     tv_layers: frozenset[int] = frozenset()
     full_layers: frozenset[int] = frozenset()
     chunk_size: int = 256
-    checkpoint_chunks: bool = True
+    recompute: bool = True
 
     @classmethod
     def of(cls, tv: Iterable[int] = (), full: Iterable[int] = (), **kwargs: Any) -> CapturePlan:
@@ -187,7 +187,7 @@ class AttentionRecorder:
         """Compute this layer's planned maps into ``into``; a layer planned both ways derives its block from the map."""
         options = {
             "chunk_size": self.plan.chunk_size,
-            "checkpoint_chunks": self.plan.checkpoint_chunks and self.grad,
+            "recompute": self.plan.recompute and self.grad,
         }
         index = into.tv_index
         if layer in self.plan.full_layers:
