@@ -75,6 +75,8 @@ class HeadMeanProbs(torch.autograd.Function):
         weighted = probs * grad.to(probs.dtype)[:, None, None]
         row = weighted.sum(dim=-1, keepdim=True)
         scores_grad = weighted.sub_(probs.mul_(row)).mul_(ctx.scale / heads)
+        # Masked scores are constants (masked_fill): no gradient flows there, even in fully masked rows.
+        scores_grad.masked_fill_(~allowed[:, None, None], 0)
         del probs
         q, k = _grouped(query, key)
         grad_query = torch.matmul(scores_grad, k).reshape(query.shape).to(query.dtype)
