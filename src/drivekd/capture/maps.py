@@ -75,8 +75,12 @@ class HeadMeanProbs(torch.autograd.Function):
         weighted = probs * grad.to(probs.dtype)[:, None, None]
         row = weighted.sum(dim=-1, keepdim=True)
         scores_grad = weighted.sub_(probs.mul_(row)).mul_(ctx.scale / heads)
-        # Masked scores are constants (masked_fill): no gradient flows there, even in fully masked rows.
-        scores_grad.masked_fill_(~allowed[:, None, None], 0)
+        # Masked scores are constants (masked_fill), so no gradient flows there. Where a row has any allowed key
+        # the masked probabilities are exactly 0 and so is their gradient; only fully masked (padding) rows,
+        # whose softmax is uniform, need zeroing.
+        dead = ~allowed.any(dim=-1)
+        if dead.any():
+            scores_grad.masked_fill_(dead[:, None, None, :, None], 0)
         del probs
         q, k = _grouped(query, key)
         grad_query = torch.matmul(scores_grad, k).reshape(query.shape).to(query.dtype)
