@@ -74,7 +74,9 @@ class HeadMeanProbs(torch.autograd.Function):
         # Each head receives grad / H; softmax backward: dS = P * (dP - sum_j dP_j P_j).
         weighted = probs * grad.to(probs.dtype)[:, None, None]
         row = weighted.sum(dim=-1, keepdim=True)
-        scores_grad = weighted.sub_(probs.mul_(row)).mul_(ctx.scale / heads)
+        # In-place only on tensors derived from grad: under a vmapped backward (is_grads_batched) grad is
+        # batched and probs is not, and an unbatched tensor cannot absorb a batched one in place.
+        scores_grad = weighted.sub_(probs * row).mul_(ctx.scale / heads)
         # Masked scores are constants (masked_fill), so no gradient flows there. Where a row has any allowed key
         # the masked probabilities are exactly 0 and so is their gradient; only fully masked (padding) rows,
         # whose softmax is uniform, need zeroing.

@@ -73,6 +73,12 @@ class TVIndex:
         block = torch.gather(rows, 2, self.key_index.unsqueeze(1).expand(-1, rows.shape[1], -1))
         return torch.where(self.pair_mask, block, torch.zeros((), dtype=block.dtype, device=block.device))
 
+    def select(self, rows: torch.Tensor) -> TVIndex:
+        """The index of a subset of the batch's samples (block widths are kept)."""
+        return TVIndex(*(t[rows] for t in (
+            self.query_index, self.query_valid, self.key_index, self.key_valid, self.text_count, self.vision_count,
+        )))
+
     @property
     def pair_mask(self) -> torch.Tensor:
         """(B, Tq, Vk) mask of the valid (query, key) pairs."""
