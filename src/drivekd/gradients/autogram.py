@@ -19,7 +19,7 @@ ordinary backward of sum_k c_k L_k, during which the taps pass gradients through
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +34,9 @@ class _State:
 
     active: bool = False
     gramian: torch.Tensor | None = None
+    # Data parallelism: the sum over ranks of a tensor, and the concatenation over ranks along a dim.
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    gather: Callable[[torch.Tensor, int], torch.Tensor] = lambda t, dim: t
 
     def add(self, block: torch.Tensor) -> None:
         block = block.to(torch.float64)
@@ -45,7 +48,7 @@ class _ParamRecord:
     state: _State
 
     def consume(self, grad: torch.Tensor) -> None:
-        flat = grad.reshape(grad.shape[0], -1)
+        flat = self.state.reduce(grad).reshape(grad.shape[0], -1)
         flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
         self.state.add(flat @ flat.T)
 
@@ -64,10 +67,11 @@ class _VocabRecord:
     used: torch.Tensor | None = None  # (U,) unique used token ids
 
     def consume_head(self, grad: torch.Tensor) -> None:
-        """grad: (K, N_h, V). The block <D_i^T X, D_j^T X> = <D_i, (X X^T) D_j>."""
-        x = self.head_inputs
+        """grad: (K, N_h, V). The block <D_i^T X, D_j^T X> = <D_i, (X X^T) D_j> over every rank's positions."""
         d = grad.reshape(grad.shape[0], -1, grad.shape[-1]).to(torch.promote_types(grad.dtype, torch.float32))
-        x = x.to(d.dtype)
+        d = self.state.gather(d, 1)
+        x = self.state.gather(self.head_inputs, 0).to(d.dtype)
+        self.head_inputs = x
         self.state.add(torch.einsum("knv,lnv->kl", d, torch.matmul(x @ x.T, d)))
         if self.tied:
             self.head_used = d[..., self.used]
@@ -76,7 +80,8 @@ class _VocabRecord:
         """grad: (K, N_e, D). Rows of the embedding gradient are the output gradients summed per token."""
         k = grad.shape[0]
         d = grad.reshape(k, -1, grad.shape[-1]).to(torch.promote_types(grad.dtype, torch.float32))
-        _, inverse = torch.unique(self.token_ids, return_inverse=True)
+        d = self.state.gather(d, 1)
+        _, inverse = torch.unique(self.state.gather(self.token_ids, 0), return_inverse=True)
         rows = d.new_zeros(k, int(inverse.max()) + 1, d.shape[-1]).index_add_(1, inverse, d)
         self.state.add(torch.einsum("kud,lud->kl", rows, rows))
         if self.tied and self.head_used is not None:
@@ -168,7 +173,14 @@ class GramianEngine:
         torch.autograd.backward(sum(c * l for c, l in zip(coefficients, losses)))
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+    ) -> None:
+        """``reduce``/``gather`` make the Gramian global under data parallelism (sum / concatenation over ranks)."""
         self.model = model
         self.embedding = model.get_input_embeddings()
         head = model.get_output_embeddings()
@@ -181,6 +193,10 @@ class GramianEngine:
             m is not None and m.weight.requires_grad for m in (self.embedding, self.head)
         )
         self.state = _State()
+        if reduce is not None:
+            self.state.reduce = reduce
+        if gather is not None:
+            self.state.gather = gather
 
     @contextmanager
     def tap(self) -> Iterator[TappedForward]:
@@ -226,7 +242,7 @@ class GramianEngine:
 
             def on_embedding(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
                 record.token_ids = args[0].reshape(-1)
-                record.used = torch.unique(record.token_ids)
+                record.used = torch.unique(self.state.gather(record.token_ids, 0))
                 tapped.edges.append(output)
                 return _Tap.apply(self.state, record, "embedding", False, output)
 
