@@ -41,3 +41,7 @@ class LayoutMismatchError(DriveKDError):
 
 class CaptureError(DriveKDError):
     """Attention capture was used in a way that would silently give wrong maps or gradients."""
+
+
+class CacheError(DriveKDError):
+    """A teacher-signal cache is missing, corrupt, incomplete or does not match the batch it is asked for."""

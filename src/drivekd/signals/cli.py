@@ -1,0 +1,210 @@
+"""``drivekd cache-teacher``: one teacher pass over a data set, writing its attention signals to a cache.
+
+The default layers are what the Drive-KD recipes read from a teacher: text-to-vision blocks at paper layer 1
+(perception, eq. 13) and l_pen (planning, eq. 16). ``--full`` adds the full maps of layers 1..l_pen for the
+reasoning loss (eqs. 14-15); they are L^2 values per layer and sample, so the cache grows by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from transformers import PreTrainedModel, ProcessorMixin
+
+from drivekd.data.collate import VLMCollator
+from drivekd.data.schema import Sample, read_jsonl
+from drivekd.errors import DriveKDError
+from drivekd.losses.groups import paper_layer_to_index, penultimate_layer
+from drivekd.models.families import family_of, load_pretrained
+from drivekd.models.pair import build_tiny_pair
+from drivekd.signals.cache import CacheReport, write_cache
+from drivekd.signals.types import SignalNeeds
+
+DEFAULT_LAYERS = "tv:1,pen"
+FULL_LAYERS = "full:1-pen"
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+console = Console(stderr=True, soft_wrap=True)
+
+
+def parse_layer_spec(spec: str, num_layers: int) -> SignalNeeds:
+    """The layers named by ``spec`` for a teacher of ``num_layers`` decoder layers, as 0-based indices.
+
+    ``spec`` is ``;``-separated parts ``kind:items`` with kind ``tv`` or ``full`` and comma-separated items in
+    paper numbering: a layer 1..N, ``pen`` (l_pen = N - 1) or an inclusive range such as ``1-pen``. Example:
+    ``"tv:1,pen;full:1-pen"``.
+    """
+    pen = penultimate_layer(num_layers)
+
+    def error(why: str) -> ValueError:
+        return ValueError(
+            f"bad layer spec {spec!r}: {why}; expected parts like 'tv:1,pen;full:1-pen' (paper layers "
+            f"1..{num_layers}, pen = {pen})"
+        )
+
+    def paper_layer(token: str) -> int:
+        token = token.strip()
+        if token == "pen":
+            return pen
+        if not token.isdigit() or not 1 <= int(token) <= num_layers:
+            raise error(f"{token!r} is not a layer")
+        return int(token)
+
+    chosen: dict[str, set[int]] = {"tv": set(), "full": set()}
+    for part in filter(str.strip, spec.split(";")):
+        kind, colon, items = (text.strip() for text in part.partition(":"))
+        if not colon or kind not in chosen:
+            raise error(f"{part.strip()!r} does not start with 'tv:' or 'full:'")
+        for item in items.split(","):
+            start, dash, end = item.partition("-")
+            first = paper_layer(start)
+            last = paper_layer(end) if dash else first
+            if last < first:
+                raise error(f"range {item.strip()!r} runs backwards")
+            chosen[kind].update(range(first, last + 1))
+    if not any(chosen.values()):
+        raise error("no layers")
+    tv, full = (
+        frozenset(paper_layer_to_index(k, num_layers) for k in chosen[kind]) for kind in ("tv", "full")
+    )
+    return SignalNeeds(tv_layers=tv, full_layers=full)
+
+
+def cache_teacher_cmd(
+    teacher: Annotated[
+        str,
+        typer.Option(
+            "--teacher",
+            help="Saved model folder or hub id, or tiny:<family> for an offline tiny teacher. Tiny teachers have "
+            "random weights (seed 0) and give meaningless signals: for real ones pass a trained folder.",
+        ),
+    ],
+    data: Annotated[Path, typer.Option("--data", help="Drive-KD JSONL of the samples to cache.")],
+    out: Annotated[Path, typer.Option("--out", help="Cache folder to write (shards and index.json).")],
+    image_root: Annotated[
+        Path | None,
+        typer.Option("--image-root", help="Folder that image paths are relative to (default: the JSONL's)."),
+    ] = None,
+    layers: Annotated[
+        str,
+        typer.Option(
+            "--layers",
+            help="Layers per kind in paper numbering, e.g. 'tv:1,pen;full:1-pen' (pen = N - 1). Default: the "
+            "t-v blocks of the perception and planning recipes.",
+        ),
+    ] = DEFAULT_LAYERS,
+    full: Annotated[
+        bool,
+        typer.Option(
+            "--full",
+            help=f"Also cache full maps for reasoning ({FULL_LAYERS}); L^2 per layer and sample: large.",
+        ),
+    ] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per teacher forward.")] = 8,
+    dtype: Annotated[str, typer.Option("--dtype", help="float16 or float32 storage.")] = "float16",
+    shard_samples: Annotated[int, typer.Option("--shard-samples", help="Samples per shard file.")] = 256,
+    padding_side: Annotated[str, typer.Option("--padding-side", help="left or right.")] = "right",
+    device: Annotated[
+        str, typer.Option("--device", help="Where the teacher runs: cpu, cuda, cuda:1, ...")
+    ] = "cpu",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing cache in --out.")
+    ] = False,
+) -> None:
+    """One teacher pass over --data, writing its attention signals to safetensors shards with an index."""
+    try:
+        if dtype not in DTYPES or padding_side not in ("left", "right"):
+            raise ValueError(
+                f"--dtype must be float16|float32 and --padding-side left|right, got {dtype}, {padding_side}"
+            )
+        model, processor = _load_teacher(teacher)
+        model.to(device)
+        family = family_of(model)
+        spec = f"{layers};{FULL_LAYERS}" if full else layers
+        needs = parse_layer_spec(spec, len(family.decoder_layers(model)))
+        root = image_root if image_root is not None else data.parent
+        samples = list(read_jsonl(data, image_root=root))
+        if not samples:
+            raise ValueError(f"{data} has no samples")
+        side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
+        collator = VLMCollator(processor, family.image_token_id(model), image_root=root, padding_side=side)
+        if needs.full_layers:
+            _warn_full_size(collator, samples[0], len(needs.full_layers), DTYPES[dtype], len(samples))
+        columns = (
+            TextColumn("caching teacher signals"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("cache", total=len(samples))
+            report = write_cache(
+                model,
+                samples,
+                collator,
+                out,
+                needs=needs,
+                batch_size=batch_size,
+                teacher_name=teacher,
+                dtype=DTYPES[dtype],
+                shard_samples=shard_samples,
+                overwrite=overwrite,
+                progress=lambda n: progress.advance(task, n),
+            )
+    except (DriveKDError, ValueError, OSError) as err:
+        console.print(f"[red]error:[/red] {escape(str(err))}")
+        raise typer.Exit(code=2) from None
+    Console().print(_report_table(report))
+
+
+def _load_teacher(teacher: str) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A tiny offline teacher for ``tiny:<family>``, else a saved folder or hub id."""
+    if teacher.startswith("tiny:"):
+        pair = build_tiny_pair(teacher.removeprefix("tiny:"))
+        return pair.teacher, pair.teacher_processor
+    return load_pretrained(teacher)
+
+
+def _warn_full_size(
+    collator: VLMCollator, sample: Sample, layers: int, dtype: torch.dtype, count: int
+) -> None:
+    length = collator([sample]).inputs["input_ids"].shape[1]
+    per_sample = layers * length**2 * dtype.itemsize
+    console.print(
+        f"[yellow]warning:[/yellow] full maps are L^2 values per layer and sample: about {_size(per_sample)} per "
+        f"sample at L = {length} (the first sample; {layers} layers, {str(dtype).removeprefix('torch.')}), about "
+        f"{_size(per_sample * count)} for {count} samples"
+    )
+
+
+def _size(count: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    while count >= 1024 and len(units) > 1:
+        count /= 1024
+        units.pop(0)
+    return f"{count:,.1f} {units[0]}"
+
+
+def _report_table(report: CacheReport) -> Table:
+    table = Table(title=f"teacher cache {report.path} ({report.dtype})")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    rows = [
+        ("samples", str(report.samples)),
+        ("shards", str(report.shards)),
+        ("tv layers (0-based)", str(report.layers.get("tv", []))),
+        ("full layers (0-based)", str(report.layers.get("full", []))),
+        ("bytes on disk (shards + index)", f"{report.bytes_total:,}"),
+        ("bytes per sample, mean", f"{report.bytes_per_sample_mean:,.0f}"),
+        ("bytes per sample, max", f"{report.bytes_per_sample_max:,}"),
+        *((f"{kind} bytes", f"{size:,}") for kind, size in report.bytes_by_kind.items()),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    return table
