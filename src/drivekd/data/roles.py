@@ -75,9 +75,19 @@ class TVIndex:
 
     def select(self, rows: torch.Tensor) -> TVIndex:
         """The index of a subset of the batch's samples (block widths are kept)."""
-        return TVIndex(*(t[rows] for t in (
-            self.query_index, self.query_valid, self.key_index, self.key_valid, self.text_count, self.vision_count,
-        )))
+        return TVIndex(
+            *(
+                t[rows]
+                for t in (
+                    self.query_index,
+                    self.query_valid,
+                    self.key_index,
+                    self.key_valid,
+                    self.text_count,
+                    self.vision_count,
+                )
+            )
+        )
 
     @property
     def pair_mask(self) -> torch.Tensor:

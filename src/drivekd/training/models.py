@@ -1,0 +1,115 @@
+"""Build the student and the teacher sources a training config asks for.
+
+``"tiny"`` builds an offline tiny pair of the configured family (tests, demo); anything else is a hub id or a
+folder loaded with ``from_pretrained``. Teachers are live models (one shared by all capabilities, or one per
+capability) or a teacher-signal cache; live teachers must tokenise like the student (checked).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, ProcessorMixin
+
+from drivekd.models.families import FamilyAdapter, get_family
+from drivekd.models.pair import ModelPair, build_tiny_pair
+from drivekd.signals.live import LiveTeacher
+from drivekd.signals.types import TeacherSource
+from drivekd.training.config import CAPABILITIES, TrainConfig
+
+
+@dataclass
+class Models:
+    family: FamilyAdapter
+    student: PreTrainedModel
+    processor: ProcessorMixin
+    # Teacher name ("perception", "reasoning", "planning", or "base" for the KL / hidden baselines) -> source.
+    sources: dict[str, TeacherSource] = field(default_factory=dict)
+    teacher_depth: int | None = None
+    teacher_width: int | None = None
+    teacher_models: list[PreTrainedModel] = field(default_factory=list)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _load(
+    family: FamilyAdapter, name: str, config: TrainConfig, tiny: ModelPair | None, role: str
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    if name == "tiny":
+        if tiny is None:
+            raise ValueError(
+                f"model.{role}='tiny' needs model.student='tiny' too (a tiny pair is built together)"
+            )
+        return (
+            (tiny.teacher, tiny.teacher_processor)
+            if role == "teacher"
+            else (tiny.student, tiny.student_processor)
+        )
+    return family.load(name, dtype=_dtype(config.model.dtype))
+
+
+def build_models(config: TrainConfig, device: torch.device | str | None = None) -> Models:
+    family = get_family(config.model.family)
+    tiny = (
+        build_tiny_pair(config.model.family, seed=config.run.seed) if config.model.student == "tiny" else None
+    )
+    student, processor = _load(family, config.model.student, config, tiny, "student")
+    if device is None:
+        from accelerate import PartialState
+
+        device = PartialState().device  # also joins the process group under accelerate launch / torchrun
+    student = student.to(device=device, dtype=_dtype(config.model.dtype)).train()
+    if config.model.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = config.model.lora
+        student = get_peft_model(
+            student,
+            LoraConfig(
+                r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+            ),
+        )
+    models = Models(family, student, processor)
+    if config.distill.recipe == "sft":
+        return models
+    names = (
+        ["base"]
+        if config.distill.recipe in ("kl", "hidden")
+        else [t for t in CAPABILITIES if config.distill.recipe in (t, "multi")]
+    )
+    if config.model.cache is not None:
+        from drivekd.signals.cache import CachedTeacher
+
+        source = CachedTeacher(config.model.cache)
+        models.sources = dict.fromkeys(names, source)
+        models.teacher_depth = getattr(source, "num_layers", None)
+        return models
+    paths = config.model.teachers or dict.fromkeys(CAPABILITIES, config.model.teacher)
+    loaded: dict[str, LiveTeacher] = {}
+    for name in names:
+        path = paths["reasoning"] if name == "base" else paths[name]
+        if path not in loaded:
+            model, _ = _load(family, path, config, tiny, "teacher")
+            model = model.to(device=device, dtype=_dtype(config.model.dtype)).eval().requires_grad_(False)
+            loaded[path] = LiveTeacher(model)
+            models.teacher_models.append(model)
+        models.sources[name] = loaded[path]
+    depths = {len(family.decoder_layers(m)) for m in models.teacher_models}
+    if len(depths) > 1:
+        raise ValueError(
+            f"teachers per capability must have the same depth for one layer map, got {sorted(depths)}"
+        )
+    models.teacher_depth = depths.pop()
+    models.teacher_width = family.text_config(models.teacher_models[0]).hidden_size
+    return models
+
+
+def describe(models: Models) -> dict[str, Any]:
+    """Sizes for the log."""
+    count = sum(p.numel() for p in models.student.parameters())
+    trainable = sum(p.numel() for p in models.student.parameters() if p.requires_grad)
+    return {"student_params": count, "student_trainable": trainable, "teachers": len(models.teacher_models)}
