@@ -1,0 +1,356 @@
+"""Command-line glue: ``drivekd eval generate|score|report``, ``drivekd judge serve`` and ``drivekd bench inference``.
+
+``eval_app`` and ``judge_app`` are typer apps to mount under ``drivekd``; :func:`bench_inference_cmd` is a command
+for the ``bench`` group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from drivekd.errors import DriveKDError
+
+eval_app = typer.Typer(
+    help="Generate predictions, score them (MCQ letters, LLM judge) and report Table-1/2 style.",
+    no_args_is_help=True,
+)
+judge_app = typer.Typer(
+    help="A local OpenAI-compatible judge that grades with the offline grader.", no_args_is_help=True
+)
+console = Console(stderr=True, soft_wrap=True)
+
+ImageRoot = Annotated[
+    Path | None,
+    typer.Option(
+        "--image-root", help="Folder image paths are relative to (for DriveBench: contains nuscenes/)."
+    ),
+]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Do not draw progress bars.")]
+
+
+def _fail(err: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(str(err))}")
+    return typer.Exit(code=2)
+
+
+@eval_app.command("generate")
+def generate_cmd(
+    input_path: Annotated[Path, typer.Argument(help="DriveBench QA file (.json) or Drive-KD JSONL.")],
+    model: Annotated[str, typer.Option("--model", help="Hub id or a folder saved with save_pretrained.")],
+    out: Annotated[Path, typer.Option("--out", help="Predictions JSONL (appended to; a rerun resumes).")],
+    image_root: ImageRoot = None,
+    model_name: Annotated[
+        str | None, typer.Option(help="Name stored in the records (default: --model).")
+    ] = None,
+    batch_size: int = 4,
+    max_new_tokens: int = 256,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (spread over GPUs).")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
+    backend: Annotated[str, typer.Option(help="hf, or vllm (GPU, needs the vllm package).")] = "hf",
+    limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Answer every sample with a model; predictions are appended as they come, so a rerun continues."""
+    from drivekd.evaluation.generate import generate_hf, generate_vllm, load_model
+    from drivekd.evaluation.inputs import load_samples
+    from drivekd.evaluation.predictions import PredictionWriter
+
+    if backend not in ("hf", "vllm"):
+        raise _fail(ValueError(f"--backend must be hf or vllm, got {backend!r}"))
+    try:
+        samples, root = load_samples(input_path, image_root=image_root)
+        samples = samples[:limit] if limit is not None else samples
+        with PredictionWriter(out, model=model_name or model) as writer:
+            if backend == "vllm":
+                summary = generate_vllm(
+                    samples,
+                    model,
+                    writer,
+                    image_root=root,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    progress=not no_progress,
+                )
+            else:
+                hf_model, processor = load_model(model, device=device, dtype=dtype)
+                summary = generate_hf(
+                    samples,
+                    hf_model,
+                    processor,
+                    writer,
+                    image_root=root,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    progress=not no_progress,
+                )
+    except (DriveKDError, RuntimeError) as err:
+        raise _fail(err) from None
+    console.print(
+        f"wrote {summary.written} predictions to {out} ({summary.skipped} already there); "
+        f"{summary.new_tokens} new tokens at {summary.tokens_per_second:.1f} tok/s"
+    )
+
+
+def _judge_config(options: dict[str, Any], config_file: Path | None) -> Any:
+    from drivekd.evaluation.judge import ENV_BASE_URL, JudgeConfig
+
+    if config_file is None and options.get("base_url") is None and not os.environ.get(ENV_BASE_URL):
+        return None
+    return JudgeConfig.load(config_file, **options)
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    table = Table(title=f"{report['model']}: {report['samples']} samples")
+    for column in ("score", "perception", "prediction", "behavior", "planning", "overall"):
+        table.add_column(column, justify="right")
+
+    def cell(stats: dict[str, Any] | None, key: str = "accuracy") -> str:
+        return "–" if not stats or stats.get(key) is None else f"{stats[key]:.2f}"
+
+    for mode, per_task in report["mcq"].items():
+        tasks = ("perception", "prediction", "behavior", "planning", "overall")
+        table.add_row(f"MCQ accuracy ({mode})", *(cell(per_task.get(t)) for t in tasks))
+    judge = report.get("judge")
+    if judge:
+        per = judge["per_task"]
+        row = [cell(per.get(t), "mean") for t in ("perception", "prediction", "behavior", "planning")]
+        table.add_row(f"judge mean of {judge['runs']} runs", *row, cell(judge["overall"], "mean"))
+    Console().print(table)
+    if judge:
+        counts, cost = judge["counts"], judge["accounting"]
+        console.print(
+            f"judge: {counts['ok']} ok, {counts['unparsed']} unparsed, {counts['failed']} failed, "
+            f"{counts['missing_predictions']} missing predictions (all scored 0); {cost['calls']} calls, "
+            f"{cost['cache_hits']} cache hits, {cost['prompt_tokens']} + {cost['completion_tokens']} tokens"
+        )
+
+
+@eval_app.command("score")
+def score_cmd(
+    samples_path: Annotated[Path, typer.Argument(help="DriveBench QA file (.json) or Drive-KD JSONL.")],
+    out: Annotated[Path, typer.Option("--out", help="Score report (JSON).")],
+    predictions: Annotated[
+        Path | None, typer.Option(help="Predictions JSONL (default: a DriveBench file's 'pred' fields).")
+    ] = None,
+    image_root: ImageRoot = None,
+    model_name: Annotated[str | None, typer.Option(help="Model name in the report.")] = None,
+    judge: Annotated[
+        bool, typer.Option("--judge/--no-judge", help="Grade with the LLM judge when configured.")
+    ] = True,
+    judge_config: Annotated[Path | None, typer.Option(help="Judge settings (YAML/JSON), no API key.")] = None,
+    judge_base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (.../v1).")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="Judge model name.")] = None,
+    judge_api_key_env: Annotated[
+        str | None, typer.Option(help="Environment variable holding the key (default OPENAI_API_KEY).")
+    ] = None,
+    runs: Annotated[int | None, typer.Option(help="Judge runs per sample (default 5).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Concurrent judge calls (default 8).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds per judge call (default 120).")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Retries on 429/5xx/timeouts (default 5).")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Judge cache (default runs/judge-cache.sqlite).")] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Judge temperature (default: the endpoint's).")
+    ] = None,
+    retry_unparsed: Annotated[
+        bool, typer.Option(help="Ask again where the cache holds an unparsed reply.")
+    ] = False,
+    drivelm_metrics: Annotated[bool, typer.Option(help="Add DriveLM accuracy, ROUGE-L and BLEU.")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Score predictions: MCQ accuracy (strict and DriveBench rule), yes/no accuracy, the LLM judge over N runs
+    (mean and std per task and capability), the reasoning-planning correlation, optionally DriveLM metrics."""
+    from drivekd.evaluation.evaluate import score
+    from drivekd.evaluation.inputs import load_samples
+    from drivekd.evaluation.predictions import read_predictions
+    from drivekd.evaluation.scoring import embedded_predictions
+
+    options = {
+        "base_url": judge_base_url,
+        "model": judge_model,
+        "api_key_env": judge_api_key_env,
+        "runs": runs,
+        "concurrency": concurrency,
+        "timeout_s": timeout,
+        "max_retries": max_retries,
+        "cache_path": cache,
+        "temperature": temperature,
+        "retry_unparsed": retry_unparsed or None,
+    }
+    try:
+        samples, _ = load_samples(samples_path, image_root=image_root, check_files=False)
+        if predictions is not None:
+            records = read_predictions(predictions)
+            texts = {k: r.prediction for k, r in records.items()}
+            model_name = model_name or next((r.model for r in records.values()), predictions.stem)
+        else:
+            texts = embedded_predictions(samples)
+        config = _judge_config(options, judge_config) if judge else None
+        if judge and config is None:
+            console.print(
+                "no judge configured (--judge-base-url, --judge-config or DRIVEKD_JUDGE_BASE_URL): MCQ only"
+            )
+        report = score(
+            samples,
+            texts,
+            model=model_name or samples_path.stem,
+            judge=config,
+            drivelm=drivelm_metrics,
+            progress=not no_progress,
+        )
+    except DriveKDError as err:
+        raise _fail(err) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    _print_summary(report)
+    if report["missing_predictions"]:
+        console.print(
+            f"[yellow]{len(report['missing_predictions'])} samples have no prediction (scored 0)[/yellow]"
+        )
+    console.print(f"wrote {out}")
+
+
+@eval_app.command("report")
+def report_cmd(
+    scores: Annotated[
+        list[Path], typer.Argument(help="Score reports from `drivekd eval score`, one per model.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for the tables, chart and JSON.")],
+    bench: Annotated[
+        Path | None, typer.Option(help="`drivekd bench inference` JSON; rows matched by model name.")
+    ] = None,
+) -> None:
+    """Table 1 (capability scores with run-to-run std, MCQ accuracy, deployment metrics) as markdown and CSV,
+    Table 2 (reasoning-planning correlation) and a bar chart."""
+    from drivekd.evaluation.report import write_report
+
+    try:
+        reports = [json.loads(p.read_text(encoding="utf-8")) for p in scores]
+        bench_report = json.loads(bench.read_text(encoding="utf-8")) if bench else None
+    except (OSError, json.JSONDecodeError) as err:
+        raise _fail(err) from None
+    files = write_report(reports, out_dir, bench_report)
+    print(files["table1_md"].read_text(encoding="utf-8"))
+    print(files["table2_md"].read_text(encoding="utf-8"))
+    console.print("wrote " + ", ".join(str(p) for p in files.values()))
+
+
+@judge_app.command("serve")
+def serve_cmd(
+    samples: Annotated[
+        list[Path] | None,
+        typer.Option("--samples", help="Sample files whose structured ground truth the grader uses."),
+    ] = None,
+    image_root: ImageRoot = None,
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (0 picks a free one).")] = 8011,
+    model_name: Annotated[
+        str, typer.Option(help="Model name the server reports.")
+    ] = "drivekd-offline-grader",
+) -> None:
+    """Serve the offline grader as an OpenAI-compatible judge on 127.0.0.1 (Ctrl-C stops it)."""
+    from drivekd.evaluation.inputs import load_samples
+    from drivekd.evaluation.server import JudgeServer, offline_responder
+
+    try:
+        known = [
+            s
+            for path in samples or []
+            for s in load_samples(path, image_root=image_root, check_files=False)[0]
+        ]
+    except DriveKDError as err:
+        raise _fail(err) from None
+    server = JudgeServer(offline_responder(known), port=port, model=model_name)
+    console.print(
+        f"judge at {server.base_url} (model {model_name}, {len(known)} samples with ground truth); "
+        f"use --judge-base-url {server.base_url} --judge-model {model_name}"
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        console.print("stopped")
+
+
+def bench_inference_cmd(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A tiny random pair on CPU (about a minute).")
+    ] = False,
+    preset_pair: Annotated[
+        str | None,
+        typer.Option(help="Paper-size random-weight pair: internvl3 (8B->1B) or qwen2.5-vl (7B->3B)."),
+    ] = None,
+    teacher: Annotated[str | None, typer.Option(help="Teacher checkpoint (hub id or folder).")] = None,
+    student: Annotated[str | None, typer.Option(help="Student checkpoint (hub id or folder).")] = None,
+    family: Annotated[str, typer.Option(help="Family of the --quick pair.")] = "qwen2_5_vl",
+    samples: Annotated[
+        Path | None, typer.Option(help="Drive-KD JSONL of requests (default: synthetic).")
+    ] = None,
+    n_samples: Annotated[int | None, typer.Option(help="Requests measured for throughput.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per request.")] = None,
+    ttft_runs: Annotated[int | None, typer.Option(help="One-token generations for the median TTFT.")] = None,
+    device: Annotated[
+        str | None, typer.Option(help="cpu or cuda (default: cuda for presets, else cpu).")
+    ] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 (default: bf16 on cuda).")] = None,
+    backend: Annotated[str, typer.Option(help="hf, or vllm (GPU, when installed).")] = "hf",
+    threads: Annotated[int | None, typer.Option(help="CPU threads per model process.")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+) -> None:
+    """Deployment metrics of a teacher and a student side by side: peak memory, throughput (eq. 27), median
+    time to first token (eq. 28), and their ratios."""
+    from dataclasses import replace
+
+    from drivekd.evaluation.inference import (
+        PRESET_PAIRS,
+        QUICK,
+        InferenceBenchConfig,
+        ModelSpec,
+        run,
+        table_markdown,
+    )
+
+    if quick:
+        specs = (ModelSpec(f"tiny-{family}-teacher", "tiny", family, "teacher"),)
+        specs += (ModelSpec(f"tiny-{family}-student", "tiny", family, "student"),)
+        base = QUICK
+    elif preset_pair is not None:
+        if preset_pair not in PRESET_PAIRS:
+            raise _fail(ValueError(f"--preset-pair must be one of {', '.join(PRESET_PAIRS)}"))
+        names = PRESET_PAIRS[preset_pair]
+        specs = tuple(ModelSpec(f"{n} (random weights)", "preset", preset=n) for n in names)
+        base = InferenceBenchConfig(device="cuda", dtype="bfloat16")
+    elif teacher and student:
+        specs = (ModelSpec(teacher, "path", path=teacher), ModelSpec(student, "path", path=student))
+        base = InferenceBenchConfig()
+    else:
+        raise _fail(ValueError("pass --quick, --preset-pair NAME, or both --teacher and --student"))
+    if device and device.startswith("cuda") and dtype is None:
+        dtype = "bfloat16"
+    overrides = {
+        "samples": str(samples) if samples else None,
+        "n_samples": n_samples,
+        "max_new_tokens": max_new_tokens,
+        "ttft_runs": ttft_runs,
+        "device": device,
+        "dtype": dtype,
+        "backend": backend,
+        "threads": threads,
+    }
+    cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    try:
+        report = run(specs[0], specs[1], cfg)
+    except RuntimeError as err:
+        raise _fail(err) from None
+    print(table_markdown(report))
+    console.print(
+        f"{report['device']}, {cfg.dtype}, {cfg.backend}, {cfg.n_samples} requests x {cfg.max_new_tokens} tokens"
+    )
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -1,0 +1,213 @@
+"""`drivekd eval generate`: answer every sample with a model and append the answers to a predictions file.
+
+Prompts follow the DriveBench convention already used for training: the Drive-KD system prompt, then one image per
+camera in nuScenes order, each named by its camera, then the question with normalised object tags (see
+:func:`drivekd.data.collate.build_messages`). Batches are left-padded and decoded greedily with Hugging Face
+``generate``; an optional vLLM back end serves the same prompts on a GPU. Records are written as they come, so a
+rerun continues where a crash stopped (:class:`~drivekd.evaluation.predictions.PredictionWriter`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoConfig, PreTrainedModel, ProcessorMixin
+
+from drivekd.data.cameras import CAMERAS
+from drivekd.data.collate import VLMCollator, build_messages
+from drivekd.data.schema import Sample
+from drivekd.evaluation.predictions import PredictionRecord, PredictionWriter
+from drivekd.evaluation.progress import progress_bar
+from drivekd.models.families import FamilyAdapter, family_of, load_pretrained
+
+
+@dataclass
+class GenerationSummary:
+    """What one call wrote: ``skipped`` samples already had a prediction in the file."""
+
+    written: int = 0
+    skipped: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def load_model(
+    name_or_path: str | Path, *, device: str = "cpu", dtype: str = "auto"
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A hub id or a folder saved with ``save_pretrained`` (a trained Drive-KD student), on ``device``.
+
+    ``device="auto"`` spreads a large model over the visible GPUs (``device_map="auto"``).
+    """
+    torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
+    if device == "auto":
+        model, processor = load_pretrained(name_or_path, dtype=torch_dtype, device_map="auto")
+    else:
+        model, processor = load_pretrained(name_or_path, dtype=torch_dtype)
+        model = model.to(device)
+    return model.eval(), processor
+
+
+def eos_token_ids(model: PreTrainedModel) -> set[int]:
+    """The ids that end generation (the generation config may hold one or a list)."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+def count_new_tokens(generated: torch.Tensor, eos_ids: set[int]) -> list[int]:
+    """Per row of ``generated`` (B, T) (new tokens only): tokens up to and including the first end-of-sequence
+    token, or all T when the row never ended. Later positions are padding of finished rows."""
+    counts = []
+    for row in generated.tolist():
+        end = next((k for k, token in enumerate(row) if token in eos_ids), None)
+        counts.append(len(row) if end is None else end + 1)
+    return counts
+
+
+def _batches(samples: Sequence[Sample], size: int) -> list[Sequence[Sample]]:
+    return [samples[k : k + size] for k in range(0, len(samples), size)]
+
+
+def _run(
+    todo: Sequence[Sample],
+    batch_size: int,
+    answer: Callable[[Sequence[Sample]], list[tuple[str, int]]],
+    writer: PredictionWriter,
+    summary: GenerationSummary,
+    progress: bool,
+) -> GenerationSummary:
+    """Answer ``todo`` batch by batch with ``answer`` (texts and new-token counts), writing each batch at once."""
+    with progress_bar(len(todo), f"generate ({writer.model})", enabled=progress) as advance:
+        for batch in _batches(todo, batch_size):
+            start = time.perf_counter()
+            answers = answer(batch)
+            seconds = time.perf_counter() - start
+            for sample, (text, tokens) in zip(batch, answers, strict=True):
+                writer.write(
+                    PredictionRecord(
+                        id=sample.id,
+                        prediction=text,
+                        model=writer.model,
+                        new_tokens=tokens,
+                        seconds=seconds / len(batch),
+                    )
+                )
+                summary.new_tokens += tokens
+            summary.written += len(batch)
+            summary.seconds += seconds
+            advance(len(batch), rate=f"{summary.tokens_per_second:.1f} tok/s")
+    return summary
+
+
+def _todo(samples: Sequence[Sample], writer: PredictionWriter) -> tuple[list[Sample], GenerationSummary]:
+    todo = [s for s in samples if s.id not in writer.done]
+    return todo, GenerationSummary(skipped=len(samples) - len(todo))
+
+
+def generate_hf(
+    samples: Sequence[Sample],
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    writer: PredictionWriter,
+    *,
+    image_root: Path | str,
+    batch_size: int = 4,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+) -> GenerationSummary:
+    """Greedy Hugging Face generation over the samples that ``writer`` does not have yet."""
+    todo, summary = _todo(samples, writer)
+    collate = VLMCollator(
+        processor,
+        family_of(model).image_token_id(model),
+        image_root=image_root,
+        padding_side="left",
+        with_answer=False,
+    )
+    tokenizer = processor.tokenizer
+    eos_ids = eos_token_ids(model)
+    device, dtype = model.device, model.dtype
+
+    @torch.no_grad()
+    def answer(batch: Sequence[Sample]) -> list[tuple[str, int]]:
+        inputs = {
+            k: v.to(device, dtype=dtype) if v.is_floating_point() else v.to(device)
+            for k, v in collate(batch).inputs.items()
+        }
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        generated = out[:, inputs["input_ids"].shape[1] :].cpu()
+        counts = count_new_tokens(generated, eos_ids)
+        texts = [
+            tokenizer.decode(row[:n], skip_special_tokens=True).strip()
+            for row, n in zip(generated, counts, strict=True)
+        ]
+        return list(zip(texts, counts, strict=True))
+
+    return _run(todo, batch_size, answer, writer, summary, progress)
+
+
+def load_images(sample: Sample, root: Path) -> list[Image.Image]:
+    """The sample's images as RGB, cameras in nuScenes order (the order the prompt names them)."""
+    ordered = sorted(sample.images, key=lambda im: CAMERAS.index(im.camera))
+    images = []
+    for image in ordered:
+        with Image.open(image.resolve(root)) as opened:
+            images.append(opened.convert("RGB"))
+    return images
+
+
+def generate_vllm(
+    samples: Sequence[Sample],
+    model_path: str | Path,
+    writer: PredictionWriter,
+    *,
+    image_root: Path | str,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+    **llm_kwargs: Any,
+) -> GenerationSummary:
+    """Greedy vLLM generation with the same prompts (GPU only; untested on the CPU-only project machine)."""
+    if not vllm_available():
+        raise RuntimeError("the vLLM back end needs the vllm package (pip install vllm) and a GPU")
+    from vllm import LLM, SamplingParams
+
+    todo, summary = _todo(samples, writer)
+    root = Path(image_root)
+    processor = checkpoint_family(model_path).load_processor(model_path)
+    llm = LLM(model=str(model_path), limit_mm_per_prompt={"image": len(CAMERAS)}, **llm_kwargs)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+
+    def answer(batch: Sequence[Sample]) -> list[tuple[str, int]]:
+        requests = [
+            {
+                "prompt": processor.apply_chat_template(
+                    build_messages(s), add_generation_prompt=True, tokenize=False
+                ),
+                "multi_modal_data": {"image": load_images(s, root)},
+            }
+            for s in batch
+        ]
+        outputs = llm.generate(requests, params, use_tqdm=False)
+        return [(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
+
+    return _run(todo, batch_size, answer, writer, summary, progress)
+
+
+def checkpoint_family(path: str | Path) -> FamilyAdapter:
+    """The family adapter of a checkpoint, read from its config."""
+    return family_of(AutoConfig.from_pretrained(path))

@@ -1,0 +1,142 @@
+"""`drivekd eval report`: Table-1-style tables (markdown, CSV), the Table-2 correlation table and a bar chart.
+
+Inputs are score reports written by ``drivekd eval score`` (one per model) and, optionally, deployment figures
+written by ``drivekd bench inference``, matched to a model by name.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from drivekd.data.schema import CAPABILITIES
+
+COLUMNS = ("perception", "reasoning", "planning", "avg")
+HEADINGS = {"perception": "Perception", "reasoning": "Reasoning", "planning": "Planning", "avg": "Avg."}
+
+
+def _capability_stats(report: dict[str, Any]) -> dict[str, dict[str, Any] | None]:
+    judge = report.get("judge") or {}
+    per = judge.get("per_capability", {})
+    stats: dict[str, dict[str, Any] | None] = {c: per.get(c) for c in CAPABILITIES}
+    stats["avg"] = judge.get("overall")
+    return stats
+
+
+def _deployment(bench: dict[str, Any] | None, model: str) -> dict[str, Any] | None:
+    if not bench:
+        return None
+    return next((r for r in bench.get("results", {}).values() if r.get("name") == model), None)
+
+
+def table1_rows(
+    reports: Sequence[dict[str, Any]], bench: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One row per model: capability scores (mean, std over judge runs), MCQ accuracy in both extraction modes
+    and, where a benchmark entry has the model's name, peak memory, throughput and median time to first token."""
+    rows = []
+    for report in reports:
+        row: dict[str, Any] = {"model": report["model"]}
+        for column, stats in _capability_stats(report).items():
+            row[f"{column}_mean"] = stats["mean"] if stats else None
+            row[f"{column}_std"] = stats["std"] if stats else None
+        for mode in ("strict", "drivebench"):
+            row[f"mcq_{mode}"] = report["mcq"][mode]["overall"]["accuracy"]
+        deployment = _deployment(bench, report["model"])
+        row["memory_gb"] = deployment["peak_memory_gb"] if deployment else None
+        row["speed_tok_s"] = deployment["throughput_tok_s"] if deployment else None
+        row["ttft_s"] = deployment["ttft_s_median"] if deployment else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _score(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def table1_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    head = ["Model", *(HEADINGS[c] for c in COLUMNS), "MCQ strict (%)", "MCQ DriveBench rule (%)"]
+    head += ["Memory (GB)", "Speed (tok/s)", "1st-token (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        cells = [row["model"], *(_score(row[f"{c}_mean"], row[f"{c}_std"]) for c in COLUMNS)]
+        cells += [_fmt(row["mcq_strict"]), _fmt(row["mcq_drivebench"])]
+        cells += [_fmt(row["memory_gb"], 1), _fmt(row["speed_tok_s"], 1), _fmt(row["ttft_s"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table1_csv(rows: Sequence[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["model"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def table2_markdown(reports: Sequence[dict[str, Any]]) -> str:
+    """Table 2: image-level Pearson and Spearman correlation of reasoning and planning scores."""
+    lines = ["| Model | Pearson(R_k, P_k) | Spearman(R_k, P_k) | images |", "|---|---|---|---|"]
+    for report in reports:
+        corr = report.get("correlation") or {}
+        signed = ["–" if corr.get(k) is None else f"{corr[k]:+.4f}" for k in ("pearson", "spearman")]
+        lines.append(f"| {report['model']} | {signed[0]} | {signed[1]} | {corr.get('images', 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Grouped bars of the capability scores per model, with the run-to-run standard deviation as error bars."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(COLUMNS), 4.0))
+    width = 0.8 / max(len(rows), 1)
+    for k, row in enumerate(rows):
+        xs = [c + (k - (len(rows) - 1) / 2) * width for c in range(len(COLUMNS))]
+        means = [row[f"{c}_mean"] or 0.0 for c in COLUMNS]
+        errs = [row[f"{c}_std"] or 0.0 for c in COLUMNS]
+        ax.bar(xs, means, width, yerr=errs, capsize=3, label=row["model"])
+    ax.set_xticks(range(len(COLUMNS)), [HEADINGS[c] for c in COLUMNS])
+    ax.set_ylabel("judge score (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(
+    reports: Sequence[dict[str, Any]], out_dir: str | Path, bench: dict[str, Any] | None = None
+) -> dict[str, Path]:
+    """Write ``table1.md``, ``table1.csv``, ``table2.md``, ``scores.png`` and ``report.json`` under ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = table1_rows(reports, bench)
+    files = {
+        "table1_md": out / "table1.md",
+        "table1_csv": out / "table1.csv",
+        "table2_md": out / "table2.md",
+        "json": out / "report.json",
+    }
+    files["table1_md"].write_text(table1_markdown(rows), encoding="utf-8")
+    files["table1_csv"].write_text(table1_csv(rows), encoding="utf-8")
+    files["table2_md"].write_text(table2_markdown(reports), encoding="utf-8")
+    summary = {"table1": rows, "table2": {r["model"]: r.get("correlation") for r in reports}}
+    files["json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    files["chart"] = bar_chart(rows, out / "scores.png")
+    return files

@@ -1,0 +1,168 @@
+"""`drivekd judge serve`: the offline grader behind an OpenAI-compatible chat-completions endpoint on 127.0.0.1.
+
+Tests and the demo grade through the real HTTP judge path (client, retries, cache, parsing) with no hosted model.
+A request must carry a Drive-KD judge prompt (see :mod:`drivekd.evaluation.rubrics`); the reply lists the points of
+each criterion and a "Total Score: N" line computed by :mod:`drivekd.evaluation.offline` — from the structured
+ground truth when the server was given the samples file and the sample has it, else with the simple grader from
+the prompt's own ground-truth section. Token counts in ``usage`` are whitespace-separated words.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from drivekd.data.schema import Sample
+from drivekd.evaluation.offline import facts_for, facts_from_text, grade
+from drivekd.evaluation.rubrics import format_grade, parse_judge_request
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"
+DEFAULT_MODEL = "drivekd-offline-grader"
+# A responder turns a chat-completions request body into (HTTP status, reply text or error message).
+Responder = Callable[[dict[str, Any]], tuple[int, str]]
+
+
+def offline_responder(samples: Iterable[Sample] = ()) -> Responder:
+    """Grade Drive-KD judge prompts with the offline grader; ``samples`` supply structured ground truth."""
+    by_id = {s.id: s for s in samples}
+
+    def respond(body: dict[str, Any]) -> tuple[int, str]:
+        request = parse_judge_request(body.get("messages") or [])
+        if request is None:
+            return HTTPStatus.BAD_REQUEST, "no Drive-KD grading item ([drivekd-item] line) in the messages"
+        sample = by_id.get(request.sample_id)
+        if sample is not None:
+            facts = facts_for(sample, request.prediction)
+        else:
+            facts = facts_from_text(request.ground_truth, request.prediction)
+        result = grade(request.rubric, facts)
+        summary = f"Graded by the Drive-KD offline grader ({result.method} ground truth)."
+        return HTTPStatus.OK, f"{format_grade(request.rubric, result.points)}\n{summary}"
+
+    return respond
+
+
+def _words(text: Any) -> int:
+    return len(text.split()) if isinstance(text, str) else 0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+    def _send(self, status: int, payload: dict[str, Any]) -> None:
+        body = json.dumps(payload).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str) -> None:
+        self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/") in ("/v1/models", "/models"):
+            model = {"id": self.server.model, "object": "model", "created": 0, "owned_by": "drivekd"}
+            self._send(HTTPStatus.OK, {"object": "list", "data": [model]})
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+
+    def do_POST(self) -> None:
+        if self.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
+            return
+        try:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        except (ValueError, json.JSONDecodeError):
+            self._error(HTTPStatus.BAD_REQUEST, "the body is not JSON")
+            return
+        self.server.count()
+        status, text = self.server.responder(body)
+        if status != HTTPStatus.OK:
+            self._error(status, text)
+            return
+        prompt = sum(_words(m.get("content")) for m in body.get("messages") or [])
+        self._send(
+            HTTPStatus.OK,
+            {
+                "id": f"chatcmpl-drivekd-{self.server.requests}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", self.server.model),
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": _words(text),
+                    "total_tokens": prompt + _words(text),
+                },
+            },
+        )
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port: int, responder: Responder, model: str) -> None:
+        super().__init__((HOST, port), _Handler)
+        self.responder = responder
+        self.model = model
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def count(self) -> None:
+        with self._lock:
+            self.requests += 1
+
+
+class JudgeServer:
+    """The grading endpoint on 127.0.0.1 (``port=0`` picks a free port). Use as a context manager, or
+    :meth:`serve_forever` from the command line."""
+
+    def __init__(self, responder: Responder, *, port: int = 0, model: str = DEFAULT_MODEL) -> None:
+        self._server = _Server(port, responder, model)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self._server.server_address[1]}/v1"
+
+    @property
+    def requests(self) -> int:
+        """Chat-completion requests received so far."""
+        return self._server.requests
+
+    def start(self) -> str:
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self.base_url
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def serve_forever(self) -> None:
+        try:
+            self._server.serve_forever()
+        finally:
+            self._server.server_close()
+
+    def __enter__(self) -> JudgeServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
