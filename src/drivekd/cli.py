@@ -24,6 +24,20 @@ bench_app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
+
+
+def _register_subcommands() -> None:
+    """Commands that live beside the stage they drive (evaluation, teacher cache)."""
+    from drivekd.evaluation.cli import bench_inference_cmd, eval_app, judge_app
+    from drivekd.signals.cli import cache_teacher_cmd
+
+    app.add_typer(eval_app, name="eval")
+    app.add_typer(judge_app, name="judge")
+    bench_app.command("inference")(bench_inference_cmd)
+    app.command("cache-teacher")(cache_teacher_cmd)
+
+
+_register_subcommands()
 console = Console(stderr=True, soft_wrap=True)
 
 SkipInvalid = Annotated[
@@ -180,6 +194,30 @@ def tiny_cmd(
     console.print(f"saved {family} teacher and student under {out}")
 
 
+@app.command("train", context_settings={"allow_extra_args": False})
+def train_cmd(
+    config: Annotated[Path | None, typer.Argument(help="YAML config; omit for the defaults.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Dotted overrides, e.g. optim.lr=1e-4.")
+    ] = None,
+) -> None:
+    """Distil a student (single- or multi-teacher, AGP, reweighting); resumes from the newest checkpoint."""
+    from drivekd.training.config import ConfigError, load_config
+    from drivekd.training.trainer import train
+
+    if config is not None and "=" in str(config) and not config.exists():
+        overrides, config = [str(config), *(overrides or [])], None
+    try:
+        cfg = load_config(config, overrides or [])
+        result = train(cfg)
+    except (ConfigError, DriveKDError) as err:
+        raise _fail(err) from None
+    console.print(
+        f"trained {result.steps} steps ({result.skipped_steps} skipped as non-finite); "
+        f"student in {result.checkpoint}/student, log in {result.output_dir}/log.jsonl"
+    )
+
+
 @bench_app.command("capture")
 def bench_capture_cmd(
     quick: Annotated[
@@ -214,3 +252,7 @@ def bench_capture_cmd(
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    app()
