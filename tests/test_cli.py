@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from drivekd.bench.capture import VARIANTS, CaptureBenchConfig, run
@@ -93,3 +94,22 @@ def test_capture_benchmark_reports_ratios_for_every_variant():
         result = report["results"][variant]
         assert result["seconds"] > 0 and result["peak_bytes"] > 0
         assert result["vision_tokens"] == 16 and result["length"] == micro.length
+
+
+@pytest.mark.slow
+def test_step_benchmark_reports_every_variant():
+    from drivekd.bench import step
+
+    micro = step.StepBenchConfig(
+        student=(32, 3, 2, 1, 64), teacher=(48, 4, 4, 2, 96), image_size=(112, 63), steps=1, refresh=2
+    )
+    report = step.run(micro, variants=("sft", "none", "agp", "agp_amortised", "naive"))
+    assert set(report["ratios"]) == {"sft", "none", "agp", "agp_amortised", "naive"}
+    for variant, ratio in report["ratios"].items():
+        assert ratio["time_ratio"] > 0 and ratio["memory_ratio"] > 0, variant
+    assert set(report["checks"]) == {
+        "agp_memory_vs_plain_multi",
+        "agp_faster_than_naive",
+        "amortised_time_vs_plain_multi",
+    }
+    assert report["setup"]["cache_bytes"] > 0

@@ -26,6 +26,46 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("step")
+def bench_step_cmd(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny models; a couple of minutes on 2 CPU cores.")
+    ] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu)")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: float32)")] = None,
+) -> None:
+    """Cost of a multi-teacher step (none, exact AGP, amortised AGP, naive AGP, live teacher) vs plain SFT."""
+    from drivekd.bench.step import config_for, run
+
+    cfg = config_for(quick, device=device, dtype=dtype)
+    report = run(cfg)
+    setup = report["setup"]
+    console.print(
+        f"student {cfg.student}, teacher {cfg.teacher} (hidden, layers, heads, kv heads, MLP); L = {setup['length']} "
+        f"with {setup['vision_tokens']} vision tokens; cache {setup['cache_bytes'] / 2**20:.1f} MB; {cfg.device} "
+        f"{cfg.dtype}"
+    )
+    table = Table(title="multi-teacher optimizer step vs plain SFT step (same run)")
+    for column in ("variant", "step time (s)", "peak memory growth (MB)", "time ratio", "memory ratio"):
+        table.add_column(column, justify="right")
+    for variant, result in report["results"].items():
+        ratio = report["ratios"][variant]
+        table.add_row(
+            variant,
+            f"{result['seconds']:.2f}",
+            f"{result['peak_bytes'] / 2**20:.0f}",
+            f"{ratio['time_ratio']:.3f}x",
+            f"{ratio['memory_ratio']:.3f}x",
+        )
+    Console().print(table)
+    for name, value in report["checks"].items():
+        console.print(f"{name}: {value if isinstance(value, bool) else f'{value:.3f}x'}")
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2))
+
+
 def _register_subcommands() -> None:
     """Commands that live beside the stage they drive (evaluation, teacher cache)."""
     from drivekd.evaluation.cli import bench_inference_cmd, eval_app, judge_app
