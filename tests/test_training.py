@@ -404,3 +404,10 @@ def load_file_from_model(model: torch.nn.Module, folder: Path) -> dict[str, torc
     """The model's weights as ``save_pretrained`` writes them (same key names as the checkpoints)."""
     model.save_pretrained(folder)
     return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.parametrize("name", ["internvl3-8b-to-1b", "qwen2.5-vl-7b-to-3b"])
+def test_shipped_configs_load_with_the_paper_hyperparameters(name):
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert (config.optim.lr, config.optim.grad_accum, config.optim.epochs, config.run.seed) == (5e-5, 4, 3, 42)
+    assert config.gradients.method == "agp" and config.distill.recipe == "multi"
