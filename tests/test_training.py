@@ -409,5 +409,42 @@ def load_file_from_model(model: torch.nn.Module, folder: Path) -> dict[str, torc
 @pytest.mark.parametrize("name", ["internvl3-8b-to-1b", "qwen2.5-vl-7b-to-3b"])
 def test_shipped_configs_load_with_the_paper_hyperparameters(name):
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
-    assert (config.optim.lr, config.optim.grad_accum, config.optim.epochs, config.run.seed) == (5e-5, 4, 3, 42)
+    assert (config.optim.lr, config.optim.grad_accum, config.optim.epochs, config.run.seed) == (
+        5e-5,
+        4,
+        3,
+        42,
+    )
     assert config.gradients.method == "agp" and config.distill.recipe == "multi"
+
+
+def test_training_from_the_cache_matches_the_live_teacher_without_a_teacher_in_memory(data, tmp_path):
+    from drivekd.signals.cache import write_cache
+    from drivekd.training.models import build_models
+
+    plain = ("optim.max_steps=2", "optim.grad_accum=1", "gradients.method=none", "reweight.enabled=false")
+    live_config = _config(data, tmp_path / "live", *plain)
+    live = Trainer(live_config)
+    teacher = live.models.sources["perception"]
+    collate = VLMCollator(
+        live.models.processor, live.family.image_token_id(live.models.student), image_root=data.parent
+    )
+    write_cache(
+        teacher,
+        list(read_jsonl(data)),
+        collate,
+        tmp_path / "cache",
+        needs=live.needs,
+        batch_size=2,
+        teacher_name="tiny",
+        dtype=torch.float32,
+    )
+    cached_config = _config(data, tmp_path / "cached", *plain, f"model.cache={tmp_path / 'cache'}")
+    models = build_models(cached_config)
+    assert models.teacher_models == []  # nothing but signals read from disk
+    cached = Trainer(cached_config, models=models)
+    live_log, cached_log = live.train().log, cached.train().log
+    for a, b in zip(live_log, cached_log, strict=True):
+        for key in a:
+            if key.startswith("loss/"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
