@@ -46,19 +46,7 @@ def bench_step_cmd(
         f"with {setup['vision_tokens']} vision tokens; cache {setup['cache_bytes'] / 2**20:.1f} MB; {cfg.device} "
         f"{cfg.dtype}"
     )
-    table = Table(title="multi-teacher optimizer step vs plain SFT step (same run)")
-    for column in ("variant", "step time (s)", "peak memory growth (MB)", "time ratio", "memory ratio"):
-        table.add_column(column, justify="right")
-    for variant, result in report["results"].items():
-        ratio = report["ratios"][variant]
-        table.add_row(
-            variant,
-            f"{result['seconds']:.2f}",
-            f"{result['peak_bytes'] / 2**20:.0f}",
-            f"{ratio['time_ratio']:.3f}x",
-            f"{ratio['memory_ratio']:.3f}x",
-        )
-    Console().print(table)
+    _print_ratios(report, "multi-teacher optimizer step vs plain SFT step (same run)")
     for name, value in report["checks"].items():
         console.print(f"{name}: {value if isinstance(value, bool) else f'{value:.3f}x'}")
     if json_path is not None:
@@ -84,6 +72,23 @@ SkipInvalid = Annotated[
     bool, typer.Option("--skip-invalid", help="Report and skip bad rows instead of stopping.")
 ]
 ImageRoot = Annotated[Path, typer.Option("--image-root", help="Folder that image paths are relative to.")]
+
+
+def _print_ratios(report: dict, title: str) -> None:
+    """A benchmark's per-variant figures and ratios as a table."""
+    table = Table(title=title)
+    for column in ("variant", "step time (s)", "peak memory growth (MB)", "time ratio", "memory ratio"):
+        table.add_column(column, justify="right")
+    for variant, result in report["results"].items():
+        ratio = report["ratios"][variant]
+        table.add_row(
+            variant,
+            f"{result['seconds']:.2f}",
+            f"{result['peak_bytes'] / 2**20:.0f}",
+            f"{ratio['time_ratio']:.3f}x",
+            f"{ratio['memory_ratio']:.3f}x",
+        )
+    Console().print(table)
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -276,19 +281,7 @@ def bench_capture_cmd(
         f"{cfg.vision_tokens} vision tokens; {cfg.device} {cfg.dtype}"
     )
     report = run(cfg)
-    table = Table(title="attention capture vs plain SFT step (same run)")
-    for column in ("variant", "step time (s)", "peak memory growth (MB)", "time ratio", "memory ratio"):
-        table.add_column(column, justify="right")
-    for variant, result in report["results"].items():
-        ratio = report["ratios"][variant]
-        table.add_row(
-            variant,
-            f"{result['seconds']:.2f}",
-            f"{result['peak_bytes'] / 2**20:.0f}",
-            f"{ratio['time_ratio']:.3f}x",
-            f"{ratio['memory_ratio']:.3f}x",
-        )
-    Console().print(table)
+    _print_ratios(report, "attention capture vs plain SFT step (same run)")
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(report, indent=2))

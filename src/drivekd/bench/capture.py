@@ -15,8 +15,6 @@ of one forward+backward step divided by the ``sft`` figures measured in the same
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -24,7 +22,8 @@ from typing import Any
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from drivekd.bench.measure import WORKER_ENV, measure
+from drivekd.bench.measure import measure
+from drivekd.bench.workers import ratios, run_variants
 from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture_attention
 from drivekd.data.roles import TVIndex
 from drivekd.losses import full_attention_mse, head_mean, supervised_loss, text_to_vision_mse_blocks
@@ -228,24 +227,8 @@ def run_worker(variant: str, cfg: CaptureBenchConfig) -> dict[str, Any]:
 
 def run(cfg: CaptureBenchConfig, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     """Run every variant in a fresh process and compute ratios against ``sft``."""
-    results = {}
-    for variant in variants:
-        cmd = [sys.executable, "-m", "drivekd.bench.capture", variant, json.dumps(asdict(cfg))]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, **WORKER_ENV}, check=False
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"benchmark variant {variant!r} failed:\n{proc.stderr[-4000:]}")
-        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base = results["sft"]
-    ratios = {
-        v: {
-            "time_ratio": r["seconds"] / base["seconds"],
-            "memory_ratio": r["peak_bytes"] / base["peak_bytes"],
-        }
-        for v, r in results.items()
-    }
-    return {"config": asdict(cfg), "results": results, "ratios": ratios, "torch": torch.__version__}
+    results = run_variants("drivekd.bench.capture", variants, json.dumps(asdict(cfg)))
+    return {"config": asdict(cfg), "results": results, "ratios": ratios(results), "torch": torch.__version__}
 
 
 def config_for(quick: bool, **overrides: Any) -> CaptureBenchConfig:

@@ -15,8 +15,6 @@ Ratios are wall time and peak-memory growth of one step over the ``sft`` figures
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -25,7 +23,8 @@ from typing import Any
 
 import torch
 
-from drivekd.bench.measure import WORKER_ENV, measure
+from drivekd.bench.measure import measure
+from drivekd.bench.workers import ratios, run_variants
 
 VARIANTS = ("sft", "none", "agp", "agp_amortised", "naive", "agp_live")
 
@@ -198,23 +197,7 @@ def run(cfg: StepBenchConfig, variants: tuple[str, ...] = VARIANTS) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="drivekd-bench-step-") as tmp:
         workdir = Path(tmp)
         setup = prepare(cfg, workdir)
-        results = {}
-        for variant in variants:
-            cmd = [sys.executable, "-m", "drivekd.bench.step", variant, json.dumps(asdict(cfg)), str(workdir)]
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env={**os.environ, **WORKER_ENV}, check=False
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"benchmark variant {variant!r} failed:\n{proc.stderr[-4000:]}")
-            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base = results["sft"]
-    ratios = {
-        v: {
-            "time_ratio": r["seconds"] / base["seconds"],
-            "memory_ratio": r["peak_bytes"] / base["peak_bytes"],
-        }
-        for v, r in results.items()
-    }
+    results = run_variants("drivekd.bench.step", variants, json.dumps(asdict(cfg)), str(workdir))
     checks = {}
     if {"none", "agp", "naive", "agp_amortised"} <= results.keys():
         plain = results["none"]
@@ -227,7 +210,7 @@ def run(cfg: StepBenchConfig, variants: tuple[str, ...] = VARIANTS) -> dict[str,
         "config": asdict(cfg),
         "setup": setup,
         "results": results,
-        "ratios": ratios,
+        "ratios": ratios(results),
         "checks": checks,
         "torch": torch.__version__,
     }

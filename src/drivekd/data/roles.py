@@ -7,7 +7,8 @@ labels of eq. 9.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -75,19 +76,7 @@ class TVIndex:
 
     def select(self, rows: torch.Tensor) -> TVIndex:
         """The index of a subset of the batch's samples (block widths are kept)."""
-        return TVIndex(
-            *(
-                t[rows]
-                for t in (
-                    self.query_index,
-                    self.query_valid,
-                    self.key_index,
-                    self.key_valid,
-                    self.text_count,
-                    self.vision_count,
-                )
-            )
-        )
+        return self._map(lambda t: t[rows])
 
     @property
     def pair_mask(self) -> torch.Tensor:
@@ -95,19 +84,10 @@ class TVIndex:
         return self.query_valid.unsqueeze(-1) & self.key_valid.unsqueeze(1)
 
     def to(self, device: torch.device | str) -> TVIndex:
-        return TVIndex(
-            *(
-                t.to(device)
-                for t in (
-                    self.query_index,
-                    self.query_valid,
-                    self.key_index,
-                    self.key_valid,
-                    self.text_count,
-                    self.vision_count,
-                )
-            )
-        )
+        return self._map(lambda t: t.to(device))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TVIndex:
+        return TVIndex(*(fn(getattr(self, f.name)) for f in fields(self)))
 
 
 def _packed_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

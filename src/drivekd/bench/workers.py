@@ -1,0 +1,37 @@
+"""Run benchmark variants in fresh processes and turn their figures into ratios against a baseline."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from drivekd.bench.measure import WORKER_ENV
+
+
+def run_variants(module: str, variants: tuple[str, ...], *args: str) -> dict[str, dict[str, Any]]:
+    """``python -m module VARIANT *args`` per variant (its last stdout line is a JSON result)."""
+    results = {}
+    for variant in variants:
+        cmd = [sys.executable, "-m", module, variant, *args]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, **WORKER_ENV}, check=False
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark variant {variant!r} failed:\n{proc.stderr[-4000:]}")
+        results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return results
+
+
+def ratios(results: dict[str, dict[str, Any]], base: str = "sft") -> dict[str, dict[str, float]]:
+    """Time and peak-memory ratios of every variant against ``base`` (measured in the same run)."""
+    reference = results[base]
+    return {
+        variant: {
+            "time_ratio": result["seconds"] / reference["seconds"],
+            "memory_ratio": result["peak_bytes"] / reference["peak_bytes"],
+        }
+        for variant, result in results.items()
+    }
