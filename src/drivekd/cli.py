@@ -56,6 +56,7 @@ def bench_step_cmd(
 
 def _register_subcommands() -> None:
     """Commands that live beside the stage they drive (evaluation, teacher cache)."""
+    from drivekd.analysis.cli import analyze_cmd, figures_cmd
     from drivekd.evaluation.cli import bench_inference_cmd, eval_app, judge_app
     from drivekd.signals.cli import cache_teacher_cmd
 
@@ -63,6 +64,8 @@ def _register_subcommands() -> None:
     app.add_typer(judge_app, name="judge")
     bench_app.command("inference")(bench_inference_cmd)
     app.command("cache-teacher")(cache_teacher_cmd)
+    app.command("analyze")(analyze_cmd)
+    app.command("analyze-figures")(figures_cmd)
 
 
 _register_subcommands()
