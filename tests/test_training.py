@@ -261,7 +261,7 @@ def _train_cli(data: Path, out: Path) -> subprocess.Popen:
         "train",
         f"data.train={data}",
         f"run.output_dir={out}",
-        "optim.max_steps=4",
+        "optim.max_steps=3",
         "optim.grad_accum=1",
         "run.save_every=1",
         "run.keep_checkpoints=10",
@@ -448,3 +448,36 @@ def test_training_from_the_cache_matches_the_live_teacher_without_a_teacher_in_m
         for key in a:
             if key.startswith("loss/"):
                 assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-9), key
+
+
+def test_resume_drops_log_lines_after_the_checkpoint_and_a_torn_line(data, tmp_path):
+    first = _config(
+        data,
+        tmp_path,
+        "optim.max_steps=2",
+        "optim.grad_accum=1",
+        "distill.recipe=sft",
+        "run.save_every=1",
+        "run.resume=true",
+    )
+    Trainer(first).train()
+    with (tmp_path / "log.jsonl").open("a") as handle:
+        handle.write(
+            '{"step": 3, "loss": 1.0}\n{"step": 4, "lo'
+        )  # a step after the checkpoint, then a torn line
+    (tmp_path / "checkpoint-2").rename(tmp_path / "checkpoint-1x")  # resume from step 1 instead
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoint-1x")
+    again = _config(
+        data,
+        tmp_path,
+        "optim.max_steps=3",
+        "optim.grad_accum=1",
+        "distill.recipe=sft",
+        "run.save_every=1",
+        "run.resume=true",
+    )
+    Trainer(again).train()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

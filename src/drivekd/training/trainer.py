@@ -414,13 +414,9 @@ class Trainer:
         self.projectors.load_state_dict(state["projectors"])
         self.step, self.skipped, self.nonfinite_streak = state["step"], state["skipped"], state["streak"]
         ckpt.set_rng_state(state["rng"])
-        # Drop log lines written after the checkpoint: they will be written again.
+        # Drop log lines written after the checkpoint (they will be written again) and a line torn by a kill.
         if self.log_path.exists():
-            kept = [
-                line
-                for line in self.log_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= self.step
-            ]
+            kept = [line for line in self.log_path.read_text().splitlines() if _logged_step(line) <= self.step]
             self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def _tensorboard(self) -> Any:
@@ -441,6 +437,14 @@ class Trainer:
             for key, value in record.items():
                 if key != "step" and isinstance(value, int | float):
                     writer.add_scalar(key, value, record["step"])
+
+
+def _logged_step(line: str) -> float:
+    """The step of a log line, or infinity for a line that is not a complete record."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
 
 
 def train(config: TrainConfig, **kwargs: Any) -> TrainResult:
