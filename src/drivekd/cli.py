@@ -26,14 +26,26 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 
 
+# Options shared by the benchmarks.
+JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu)")]
+DType = Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: float32)")]
+
+
+def _write_json(report: dict, path: Path | None) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+
+
 @bench_app.command("step")
 def bench_step_cmd(
     quick: Annotated[
         bool, typer.Option("--quick", help="Tiny models; a couple of minutes on 2 CPU cores.")
     ] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: float32)")] = None,
+    json_path: JsonOut = None,
+    device: Device = None,
+    dtype: DType = None,
 ) -> None:
     """Cost of a multi-teacher step (none, exact AGP, amortised AGP, naive AGP, live teacher) vs plain SFT."""
     from drivekd.bench.step import config_for, run
@@ -49,9 +61,7 @@ def bench_step_cmd(
     _print_ratios(report, "multi-teacher optimizer step vs plain SFT step (same run)")
     for name, value in report["checks"].items():
         console.print(f"{name}: {value if isinstance(value, bool) else f'{value:.3f}x'}")
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
+    _write_json(report, json_path)
 
 
 def _register_subcommands() -> None:
@@ -271,9 +281,9 @@ def bench_capture_cmd(
     quick: Annotated[
         bool, typer.Option("--quick", help="A smaller decoder that finishes in about a minute.")
     ] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu)")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: float32)")] = None,
+    json_path: JsonOut = None,
+    device: Device = None,
+    dtype: DType = None,
 ) -> None:
     """Cost of attention capture vs a plain SDPA SFT step (one fresh process per variant)."""
     from drivekd.bench.capture import config_for, run
@@ -285,9 +295,7 @@ def bench_capture_cmd(
     )
     report = run(cfg)
     _print_ratios(report, "attention capture vs plain SFT step (same run)")
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report, indent=2))
+    _write_json(report, json_path)
 
 
 if __name__ == "__main__":
