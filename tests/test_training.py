@@ -4,6 +4,7 @@ checkpoint/resume after SIGKILL, logs, LoRA and data parallelism."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -481,3 +482,45 @@ def test_resume_drops_log_lines_after_the_checkpoint_and_a_torn_line(data, tmp_p
     Trainer(again).train()
     steps = [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
+
+
+def test_loss_scale_halves_on_overflow_and_grows_after_good_steps():
+    from drivekd.training.scaling import LossScale
+
+    scale = LossScale(True, initial=8.0, growth_interval=2)
+    assert scale.update(False) and scale.scale == 4.0  # an overflow, not a counted failure
+    assert not scale.update(True) and scale.scale == 4.0
+    assert not scale.update(True) and scale.scale == 8.0  # grows after two good steps
+    for _ in range(5):
+        scale.update(False)
+    assert scale.scale == 1.0 and not scale.update(False)  # at the floor a non-finite step is a real failure
+    off = LossScale(False)
+    assert off.scale == 1.0 and not off.update(False) and off.scale == 1.0
+
+
+def test_fp16_training_scales_losses_and_overflows_do_not_stop_the_run(data, tmp_path, monkeypatch):
+    config = _config(
+        data,
+        tmp_path,
+        "optim.max_steps=3",
+        "optim.grad_accum=1",
+        "optim.mixed_precision=fp16",
+        "distill.recipe=planning",
+        "run.max_nonfinite_streak=0",
+    )
+    trainer = Trainer(config)
+    real_terms = trainer.objective.terms
+    calls = {"n": 0}
+
+    def overflow_once(*args, **kwargs):
+        terms = real_terms(*args, **kwargs)
+        calls["n"] += 1
+        return (
+            [Term(t.name, t.capability, t.value * float("inf")) for t in terms] if calls["n"] == 1 else terms
+        )
+
+    monkeypatch.setattr(trainer.objective, "terms", overflow_once)
+    log = trainer.train().log  # a streak limit of 0 would stop at once if the overflow counted
+    assert log[0]["skipped_nonfinite"] == 1 and log[0]["loss_scale"] == 2.0**16
+    assert log[1]["loss_scale"] == 2.0**15 and "skipped_nonfinite" not in log[1]
+    assert all(math.isfinite(r["grad_norm"]) for r in log[1:])

@@ -107,7 +107,12 @@ class OptimConfig(_Section):
     max_steps: int | None = None  # overrides epochs when set
     grad_accum: int = Field(4, ge=1)
     max_grad_norm: float | None = 1.0
-    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast; fp16 would need loss scaling of every term
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; fp16 adds dynamic loss scaling
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: Any) -> Any:
+        return "no" if value is False else value  # `mixed_precision: no` in a YAML file reads as false
 
 
 class RunConfig(_Section):
@@ -172,6 +177,14 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+def _parse_value(raw: str) -> Any:
+    """A command-line value as YAML, except that only true/false are booleans (YAML 1.1 also reads no/yes/on/off)."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        return raw.strip()
+    return value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (or the defaults) and apply ``key.sub=value`` overrides (values parsed as YAML)."""
     tree: dict[str, Any] = {}
@@ -186,7 +199,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        _set_dotted(tree, key.strip(), _parse_value(raw))
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:

@@ -44,6 +44,7 @@ from drivekd.training.models import Models, build_models
 from drivekd.training.objective import Objective, Term, logit_positions, window_counts
 from drivekd.training.recipes import Recipe, hidden_pairs, resolve_layers, student_plan, teacher_needs
 from drivekd.training.sampling import CapabilitySampler
+from drivekd.training.scaling import LossScale
 
 
 class TrainingError(DriveKDError):
@@ -86,7 +87,9 @@ class Trainer:
             )
         self.samples = list(samples) if samples is not None else self._read_data()
         self.rank, self.world = dist.rank_and_world()
-        self.bf16 = config.optim.mixed_precision == "bf16"
+        precision = config.optim.mixed_precision
+        self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.loss_scale = LossScale(precision == "fp16")
         self.sampler = CapabilitySampler(
             self.samples,
             config.capabilities,
@@ -189,7 +192,9 @@ class Trainer:
             AttentionRecorder(self.models.student, self.plan, grad=True) as recorder,
         ):
             recorder.start(index if self.plan.tv_layers else None)
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(
+                self.device.type, self.autocast or torch.bfloat16, enabled=self.autocast is not None
+            ):
                 out = (
                     functional_forward(self.models.student, tapped, inputs)
                     if use_engine
@@ -208,10 +213,19 @@ class Trainer:
             local_bad = not all(torch.isfinite(t.value).all() for t in terms)
             if dist.all_reduce_sum(torch.tensor(float(local_bad))).item() > 0:  # every rank skips together
                 return {"nonfinite": True, "terms": terms}
-            gramian = self.engine.gramian([t.value for t in terms], tapped) if use_engine else None
+            gramian = self._gramian(terms, tapped) if use_engine else None
+            if gramian is not None and not bool(torch.isfinite(gramian).all()):
+                return {"nonfinite": True, "terms": terms}  # an fp16 overflow in the vmapped backward
         coefficients, stats, norms = self._combine(terms, gramian, weights)
-        torch.autograd.backward(sum(c * t.value for c, t in zip(coefficients, terms, strict=True)))
+        scale = self.loss_scale.scale
+        torch.autograd.backward(sum(scale * c * t.value for c, t in zip(coefficients, terms, strict=True)))
         return {"nonfinite": False, "terms": terms, "stats": stats, "norms": norms}
+
+    def _gramian(self, terms: list[Term], tapped: Any) -> torch.Tensor:
+        """The exact Gramian of the terms' gradients; under fp16 the rows are loss-scaled and unscaled after."""
+        scale = self.loss_scale.scale
+        rows = scale * torch.eye(len(terms), dtype=terms[0].value.dtype, device=terms[0].value.device)
+        return self.engine.gramian([t.value for t in terms], tapped, rows) / scale**2
 
     def _combine(
         self, terms: list[Term], gramian: torch.Tensor | None, weights: dict[str, float]
@@ -307,14 +321,20 @@ class Trainer:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         dist.sum_gradients(params)  # each rank's terms are partial sums of the global window means
         params = [p for p in params if p.grad is not None]
+        if self.loss_scale.scale != 1.0:
+            for p in params:
+                p.grad.div_(self.loss_scale.scale)
+        record["loss_scale"] = self.loss_scale.scale
         finite = not any(r["nonfinite"] for r in results) and all(
             torch.isfinite(p.grad).all() for p in params
         )
         finite = dist.all_reduce_sum(torch.tensor(float(not finite))).item() == 0
+        overflow = self.loss_scale.update(finite)
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped += 1
-            self.nonfinite_streak += 1
+            # An fp16 overflow is expected while the loss scale settles; only other non-finite steps count.
+            self.nonfinite_streak += 0 if overflow else 1
             record["skipped_nonfinite"] = 1
             if self.nonfinite_streak > config.run.max_nonfinite_streak:
                 raise TrainingError(
@@ -381,6 +401,7 @@ class Trainer:
             "row_coefficients": self.row_coefficients,
             "reweighter": self.reweighter.state_dict() if self.reweighter else None,
             "projectors": self.projectors.state_dict(),
+            "loss_scale": self.loss_scale.state_dict(),
         }
 
     def _save(self) -> Path:
@@ -412,11 +433,14 @@ class Trainer:
         if self.reweighter is not None and state["reweighter"] is not None:
             self.reweighter.load_state_dict(state["reweighter"])
         self.projectors.load_state_dict(state["projectors"])
+        self.loss_scale.load_state_dict(state["loss_scale"])
         self.step, self.skipped, self.nonfinite_streak = state["step"], state["skipped"], state["streak"]
         ckpt.set_rng_state(state["rng"])
         # Drop log lines written after the checkpoint (they will be written again) and a line torn by a kill.
         if self.log_path.exists():
-            kept = [line for line in self.log_path.read_text().splitlines() if _logged_step(line) <= self.step]
+            kept = [
+                line for line in self.log_path.read_text().splitlines() if _logged_step(line) <= self.step
+            ]
             self.log_path.write_text("".join(line + "\n" for line in kept))
 
     def _tensorboard(self) -> Any:
