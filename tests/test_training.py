@@ -127,7 +127,7 @@ def test_eq17_coefficients_use_pi_and_weights(data, tmp_path):
         for n in ("ce", "perception", "reasoning", "planning")
     ]
     weights = {"ce": 2.0, "perception": 3.0, "reasoning": 5.0, "planning": 7.0}
-    coefficients, _, _ = trainer._combine(terms, None, weights)
+    coefficients, _, _ = trainer._combine(terms, trainer._plan(terms, weights), None, weights)
     pi = trainer.config.distill.pi
     caps = ["perception", "reasoning", "planning"]
     expected = [

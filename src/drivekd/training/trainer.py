@@ -33,7 +33,7 @@ from drivekd.errors import DriveKDError
 from drivekd.gradients import LossReweighter
 from drivekd.gradients.autogram import GramianEngine, functional_forward
 from drivekd.gradients.gramian import combine_weights
-from drivekd.gradients.mixing import atomic_coefficients, combination_gramian, combination_matrix, group_norms
+from drivekd.gradients.mixing import Combination, atomic_coefficients, combination_matrix, group_matrix
 from drivekd.losses import HiddenProjector
 from drivekd.models.families import FamilyAdapter
 from drivekd.signals.types import TeacherSignals
@@ -45,6 +45,16 @@ from drivekd.training.objective import Objective, Term, logit_positions, window_
 from drivekd.training.recipes import Recipe, hidden_pairs, resolve_layers, student_plan, teacher_needs
 from drivekd.training.sampling import CapabilitySampler
 from drivekd.training.scaling import LossScale
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """What one micro-step backpropagates for its Gramian (see ``Trainer._plan``)."""
+
+    combination: Combination | None  # eq. 17 rows; None for the KL / hidden baselines
+    projected: int  # how many leading rows are projection rows (0 without a method)
+    group_names: tuple[str, ...]  # reweighting groups, in the order of the trailing rows
+    rows: torch.Tensor | None  # (R, terms); None when no Gramian is needed
 
 
 class TrainingError(DriveKDError):
@@ -213,44 +223,68 @@ class Trainer:
             local_bad = not all(torch.isfinite(t.value).all() for t in terms)
             if dist.all_reduce_sum(torch.tensor(float(local_bad))).item() > 0:  # every rank skips together
                 return {"nonfinite": True, "terms": terms}
-            gramian = self._gramian(terms, tapped) if use_engine else None
+            plan = self._plan(terms, weights)
+            gramian = (
+                self._gramian(terms, tapped, plan.rows) if use_engine and plan.rows is not None else None
+            )
             if gramian is not None and not bool(torch.isfinite(gramian).all()):
                 return {"nonfinite": True, "terms": terms}  # an fp16 overflow in the vmapped backward
-        coefficients, stats, norms = self._combine(terms, gramian, weights)
+        coefficients, stats, norms = self._combine(terms, plan, gramian, weights)
         scale = self.loss_scale.scale
         torch.autograd.backward(sum(scale * c * t.value for c, t in zip(coefficients, terms, strict=True)))
         return {"nonfinite": False, "terms": terms, "stats": stats, "norms": norms}
 
-    def _gramian(self, terms: list[Term], tapped: Any) -> torch.Tensor:
-        """The exact Gramian of the terms' gradients; under fp16 the rows are loss-scaled and unscaled after."""
+    def _plan(self, terms: list[Term], weights: dict[str, float]) -> _RowPlan:
+        """The loss combinations whose Gramian this step needs, as rows over the atomic terms.
+
+        First the projection rows (c:sup = w_ce CE_c and c:distill = sum_t pi_{c,t} w_t L_t(c)) when a method is
+        on, then, with reweighting, one row per weight group (the loss its weight multiplies). Backpropagating
+        only these rows, not every atomic term, keeps the vmapped backward as small as the step allows.
+        """
+        keys = [(t.capability, t.name) for t in terms]
+        baseline = bool(self.recipe.kl or self.recipe.hidden)
+        combination = None if baseline else combination_matrix(keys, weights, self.pi)
+        if baseline:
+            names = self.recipe.loss_names
+            groups = torch.tensor([[float(t.name == n) for t in terms] for n in names], dtype=torch.float64)
+        else:
+            names, groups = group_matrix(keys, self.pi)
+        blocks = []
+        projected = 0
+        if combination is not None and self.method != "none":
+            blocks.append(combination.matrix)
+            projected = combination.matrix.shape[0]
+        if self.reweighter is not None:
+            blocks.append(groups)
+        rows = torch.cat(blocks) if blocks else None
+        return _RowPlan(combination, projected, tuple(names), rows)
+
+    def _gramian(self, terms: list[Term], tapped: Any, rows: torch.Tensor) -> torch.Tensor:
+        """The exact Gramian of the row combinations; under fp16 the rows are loss-scaled and unscaled after."""
         scale = self.loss_scale.scale
-        rows = scale * torch.eye(len(terms), dtype=terms[0].value.dtype, device=terms[0].value.device)
-        return self.engine.gramian([t.value for t in terms], tapped, rows) / scale**2
+        value = terms[0].value
+        cotangents = scale * rows.to(device=value.device, dtype=value.dtype)
+        return self.engine.gramian([t.value for t in terms], tapped, cotangents) / scale**2
 
     def _combine(
-        self, terms: list[Term], gramian: torch.Tensor | None, weights: dict[str, float]
+        self, terms: list[Term], plan: _RowPlan, gramian: torch.Tensor | None, weights: dict[str, float]
     ) -> tuple[torch.Tensor, Any, dict[str, float] | None]:
         """Per-term coefficients (eq. 17 weights, projected when a method is on) and the reweighting norms."""
         dtype = terms[0].value.dtype
-        if self.recipe.kl or self.recipe.hidden:
+        norms = None
+        if gramian is not None and self.reweighter is not None:
+            block = gramian[plan.projected :, plan.projected :]
+            squared = torch.diagonal(block).clamp_min(0).sqrt()
+            norms = dict(zip(plan.group_names, squared.tolist(), strict=True))
+        if plan.combination is None:
             # Baselines: CE plus one unmixed term, never projected (single-teacher protocol).
-            coefficients = torch.tensor([weights[t.name] for t in terms], dtype=dtype)
-            norms = None
-            if gramian is not None:
-                groups = torch.tensor(
-                    [[float(t.name == name) for t in terms] for name in self.recipe.loss_names],
-                    dtype=torch.float64,
-                )
-                squared = torch.diagonal(combination_gramian(gramian, groups)).clamp_min(0).sqrt()
-                norms = dict(zip(self.recipe.loss_names, squared.tolist(), strict=True))
-            return coefficients, None, norms
-        keys = [(t.capability, t.name) for t in terms]
-        combination = combination_matrix(keys, weights, self.pi)
+            return torch.tensor([weights[t.name] for t in terms], dtype=dtype), None, norms
+        combination = plan.combination
         stats = None
-        if gramian is not None and self.method != "none":
+        if gramian is not None and plan.projected:
             rows, stats = combine_weights(
                 self.method,
-                combination_gramian(gramian, combination.matrix),
+                gramian[: plan.projected, : plan.projected],
                 combination.sup_index,
                 combination.distill_index,
                 self.permutations,
@@ -263,9 +297,7 @@ class Trainer:
             )  # amortised: the last refresh's projection applied to this step's rows
         else:
             rows = torch.ones(combination.matrix.shape[0], dtype=torch.float64)
-        coefficients = atomic_coefficients(combination.matrix, rows).to(dtype)
-        norms = group_norms(gramian, keys, self.pi) if gramian is not None else None
-        return coefficients, stats, norms
+        return atomic_coefficients(combination.matrix, rows).to(dtype), stats, norms
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
