@@ -25,11 +25,10 @@ from drivekd.analysis.figures import write_figures
 from drivekd.analysis.runner import AnalysisOptions, analyze
 from drivekd.analysis.selection import ROLES, fragment_yaml, recommend, train_overrides
 from drivekd.errors import DriveKDError
-from drivekd.models.families import FamilyAdapter, family_of, get_family, load_pretrained
-from drivekd.models.pair import build_tiny_pair
+from drivekd.models.families import FamilyAdapter, family_of
+from drivekd.models.pair import load_spec
 
 console = Console(stderr=True, soft_wrap=True)
-TINY_PREFIX = "tiny:"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -154,17 +153,7 @@ def load_model(
     ``from_pretrained`` (the family read from the config unless given)."""
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    if spec.startswith(TINY_PREFIX):
-        pair = build_tiny_pair(spec.removeprefix(TINY_PREFIX), seed=seed)
-        model = pair.teacher if role == "teacher" else pair.student
-        processor = pair.teacher_processor if role == "teacher" else pair.student_processor
-        if dtype != "auto":
-            model = model.to(DTYPES[dtype])
-    else:
-        kwargs = {"dtype": DTYPES.get(dtype, "auto")}
-        model, processor = (
-            get_family(family).load(spec, **kwargs) if family else load_pretrained(spec, **kwargs)
-        )
+    model, processor = load_spec(spec, role=role, family=family, dtype=DTYPES.get(dtype, "auto"), seed=seed)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device), processor, family_of(model)
 

@@ -17,7 +17,16 @@ from transformers import PreTrainedModel, ProcessorMixin
 from drivekd.data.collate import VLMCollator
 from drivekd.data.schema import Sample
 from drivekd.errors import LayoutMismatchError
-from drivekd.models.families import TINY_STUDENT, TINY_TEACHER, FamilyAdapter, TinySize, get_family
+from drivekd.models.families import (
+    TINY_STUDENT,
+    TINY_TEACHER,
+    FamilyAdapter,
+    TinySize,
+    get_family,
+    load_pretrained,
+)
+
+TINY_PREFIX = "tiny:"
 
 
 @dataclass
@@ -106,3 +115,25 @@ def load_pair(family: str, teacher: str | Path, student: str | Path, **kwargs: A
     teacher_model, teacher_processor = adapter.load(teacher, **kwargs)
     student_model, student_processor = adapter.load(student, **kwargs)
     return ModelPair(adapter, teacher_model, student_model, teacher_processor, student_processor)
+
+
+def load_spec(
+    spec: str,
+    *,
+    role: str = "student",
+    family: str | None = None,
+    dtype: torch.dtype | str = "auto",
+    seed: int = 0,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A model named on the command line: ``tiny:<family>`` builds that ``role`` of an offline tiny pair (random
+    weights); anything else is a hub id or folder loaded with ``from_pretrained`` (family read from its config
+    unless given)."""
+    if spec.startswith(TINY_PREFIX):
+        pair = build_tiny_pair(spec.removeprefix(TINY_PREFIX), seed=seed)
+        teacher = role == "teacher"
+        model = pair.teacher if teacher else pair.student
+        processor = pair.teacher_processor if teacher else pair.student_processor
+        return (model if dtype == "auto" else model.to(dtype)), processor
+    if family:
+        return get_family(family).load(spec, dtype=dtype)
+    return load_pretrained(spec, dtype=dtype)

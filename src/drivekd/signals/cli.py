@@ -16,14 +16,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from transformers import PreTrainedModel, ProcessorMixin
 
 from drivekd.data.collate import VLMCollator
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.errors import DriveKDError
 from drivekd.losses.groups import paper_layer_to_index, penultimate_layer
-from drivekd.models.families import family_of, load_pretrained
-from drivekd.models.pair import build_tiny_pair
+from drivekd.models.families import family_of
+from drivekd.models.pair import load_spec
 from drivekd.signals.cache import CacheReport, write_cache
 from drivekd.signals.types import SignalNeeds
 
@@ -123,7 +122,7 @@ def cache_teacher_cmd(
             raise ValueError(
                 f"--dtype must be float16|float32 and --padding-side left|right, got {dtype}, {padding_side}"
             )
-        model, processor = _load_teacher(teacher)
+        model, processor = load_spec(teacher, role="teacher")
         model.to(device)
         family = family_of(model)
         spec = f"{layers};{FULL_LAYERS}" if full else layers
@@ -161,14 +160,6 @@ def cache_teacher_cmd(
         console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(code=2) from None
     Console().print(_report_table(report))
-
-
-def _load_teacher(teacher: str) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A tiny offline teacher for ``tiny:<family>``, else a saved folder or hub id."""
-    if teacher.startswith("tiny:"):
-        pair = build_tiny_pair(teacher.removeprefix("tiny:"))
-        return pair.teacher, pair.teacher_processor
-    return load_pretrained(teacher)
 
 
 def _warn_full_size(

@@ -8,7 +8,6 @@ capability) or a teacher-signal cache; live teachers must tokenise like the stud
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
@@ -106,10 +105,3 @@ def build_models(config: TrainConfig, device: torch.device | str | None = None) 
     models.teacher_depth = depths.pop()
     models.teacher_width = family.text_config(models.teacher_models[0]).hidden_size
     return models
-
-
-def describe(models: Models) -> dict[str, Any]:
-    """Sizes for the log."""
-    count = sum(p.numel() for p in models.student.parameters())
-    trainable = sum(p.numel() for p in models.student.parameters() if p.requires_grad)
-    return {"student_params": count, "student_trainable": trainable, "teachers": len(models.teacher_models)}
