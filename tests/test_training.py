@@ -1,5 +1,5 @@
 """The training loop, one test per feature: config, recipes, normalisation, AGP, reweighting, NaN handling,
-checkpoint/resume after SIGKILL, logs, LoRA and data parallelism."""
+checkpoint/resume after SIGKILL, logs, LoRA, data parallelism and FSDP."""
 
 from __future__ import annotations
 
@@ -328,54 +328,62 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_path):
-    """AGP and reweighting on: the Gramian, the projection and the update are global, not per rank."""
-    common = [
-        sys.executable,
-        "-m",
-        "drivekd.cli",
-        "train",
-        f"data.train={data}",
-        "optim.max_steps=2",
-        "optim.grad_accum=1",
-        "run.save_every=1",
-        "run.keep_checkpoints=5",
-        "run.tensorboard=false",
-        "distill.recipe=multi",
-        "reweight.lr=0.05",
-        "optim.lr=5e-3",
-        "optim.warmup_ratio=0",
-    ]
-    single = subprocess.run(
-        [*common, f"run.output_dir={tmp_path / 'one'}", "data.micro_batch=2"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
+def _train_processes(args: list[str], world: int) -> None:
+    """Run ``drivekd train`` as ``world`` gloo processes (or one plain process) and wait for them."""
+    command = [sys.executable, "-m", "drivekd.cli", "train", *args]
+    if world == 1:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return
     port = str(_free_port())
     workers = []
-    for rank in range(2):
+    for rank in range(world):
         env = {
             **os.environ,
             "RANK": str(rank),
             "LOCAL_RANK": str(rank),
-            "WORLD_SIZE": "2",
+            "WORLD_SIZE": str(world),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
         }
         workers.append(
-            subprocess.Popen(
-                [*common, f"run.output_dir={tmp_path / 'two'}", "data.micro_batch=1"],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
     for worker in workers:
         assert worker.wait(timeout=900) == 0, worker.stdout.read()[-3000:]
+
+
+# AGP and reweighting on, with updates large enough that a per-rank Gramian or update would show.
+DISTRIBUTED = [
+    "optim.grad_accum=1",
+    "run.save_every=1",
+    "run.keep_checkpoints=5",
+    "run.tensorboard=false",
+    "distill.recipe=multi",
+    "reweight.lr=0.05",
+    "optim.lr=5e-3",
+    "optim.warmup_ratio=0",
+]
+
+
+def _logs(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def _assert_same_global_step(one: list[dict], two: list[dict]) -> None:
+    assert [r["world"] for r in one] == [1] * len(one) and [r["world"] for r in two] == [2] * len(two)
+    for a, b in zip(one, two, strict=True):
+        assert a["proj/stage1_fired"] == b["proj/stage1_fired"]
+        assert a["weight/planning"] == pytest.approx(b["weight/planning"], rel=1e-6)
+    assert one[-1]["weight/planning"] != 1.0  # the reweighting was really on
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_path):
+    """AGP and reweighting on: the Gramian, the projection and the update are global, not per rank."""
+    common = [f"data.train={data}", "optim.max_steps=2", *DISTRIBUTED]
+    _train_processes([*common, f"run.output_dir={tmp_path / 'one'}", "data.micro_batch=2"], world=1)
+    _train_processes([*common, f"run.output_dir={tmp_path / 'two'}", "data.micro_batch=1"], world=2)
 
     def weights(run: str, step: int) -> torch.Tensor:
         state = load_file(tmp_path / run / f"checkpoint-{step}" / "student" / "model.safetensors")
@@ -392,13 +400,41 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_pa
         assert update_one.norm() > 1e-3 * initial.norm()  # large enough that a per-rank update would show
         assert float((update_two - update_one).norm() / update_one.norm()) < 1e-4
         previous_one, previous_two = one, two
-    logs = [json.loads(x) for x in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
-    logs2 = [json.loads(x) for x in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert [r["world"] for r in logs] == [1, 1] and [r["world"] for r in logs2] == [2, 2]
-    for one, two in zip(logs, logs2, strict=True):
-        assert one["proj/stage1_fired"] == two["proj/stage1_fired"]
-        assert one["weight/planning"] == pytest.approx(two["weight/planning"], rel=1e-6)
-    assert logs[-1]["weight/planning"] != 1.0  # the reweighting was really on
+    _assert_same_global_step(_logs(tmp_path / "one"), _logs(tmp_path / "two"))
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_process_and_resume(data, tmp_path):
+    """FSDP2-sharded student, AGP and reweighting on: the sharded Gramian is global, the gathered checkpoint
+    loads with transformers, and resuming a sharded run (weights + optimizer state) continues it exactly."""
+    from transformers import AutoModelForImageTextToText
+
+    common = [
+        f"data.train={data}",
+        *DISTRIBUTED,
+        "optim.min_lr_ratio=1",
+    ]  # constant lr: 2 + 1 steps = 3 steps
+    _train_processes(
+        [*common, "optim.max_steps=3", f"run.output_dir={tmp_path / 'one'}", "data.micro_batch=2"], 1
+    )
+    sharded = [*common, f"run.output_dir={tmp_path / 'fsdp'}", "data.micro_batch=1", "run.fsdp=true"]
+    _train_processes([*sharded, "optim.max_steps=2"], world=2)
+    _train_processes([*sharded, "optim.max_steps=3"], world=2)  # resumes from checkpoint-2
+
+    def weights(run: str, step: int) -> torch.Tensor:
+        model = AutoModelForImageTextToText.from_pretrained(tmp_path / run / f"checkpoint-{step}" / "student")
+        return torch.cat([v.flatten() for _, v in sorted(model.state_dict().items())])
+
+    previous = weights("one", 1)
+    assert float((weights("fsdp", 1) - previous).norm() / previous.norm()) < 1e-5
+    for step in (2, 3):
+        one, two = weights("one", step), weights("fsdp", step)
+        update_one, update_two = one - previous, two - weights("fsdp", step - 1)
+        assert update_one.norm() > 1e-3 * one.norm()
+        assert float((update_two - update_one).norm() / update_one.norm()) < 1e-4
+        previous = one
+    assert [r["step"] for r in _logs(tmp_path / "fsdp")] == [1, 2, 3]  # the second launch resumed at step 3
+    _assert_same_global_step(_logs(tmp_path / "one"), _logs(tmp_path / "fsdp"))
 
 
 def load_file_from_model(model: torch.nn.Module, folder: Path) -> dict[str, torch.Tensor]:

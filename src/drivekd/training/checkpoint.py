@@ -34,14 +34,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    output_dir: Path, step: int, student: Any, processor: Any, state: dict[str, Any], keep: int
+    output_dir: Path,
+    step: int,
+    student: Any,
+    processor: Any,
+    state: dict[str, Any],
+    keep: int,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically and keep only the ``keep`` newest."""
+    """Write ``checkpoint-<step>`` atomically and keep only the ``keep`` newest.
+
+    ``weights``: the full state dict to save instead of the student's own (a sharded student's gathered weights).
+    """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    student.save_pretrained(tmp / "student")
+    student.save_pretrained(tmp / "student", state_dict=weights)
     if processor is not None:
         processor.save_pretrained(tmp / "student")
     torch.save(state, tmp / STATE_FILE)
@@ -65,8 +74,7 @@ def load_state(checkpoint: Path) -> dict[str, Any]:
 def load_student_weights(student: torch.nn.Module, checkpoint: Path) -> None:
     """Restore trained weights saved by ``save_pretrained`` (full model or PEFT adapter) into ``student``.
 
-    A full model is read back through ``from_pretrained``, which undoes the key renaming transformers applies to
-    vision-language checkpoints on save, then copied in (so optimizer references stay valid).
+    A full model is copied in (so optimizer references stay valid).
     """
     from safetensors.torch import load_file
 
@@ -77,6 +85,17 @@ def load_student_weights(student: torch.nn.Module, checkpoint: Path) -> None:
 
         set_peft_model_state_dict(student, load_file(adapter))
         return
+    student.load_state_dict(saved_weights(student, checkpoint), strict=True)
+
+
+def saved_weights(student: torch.nn.Module, checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's full-model weights under ``student``'s own state-dict names.
+
+    Read through ``from_pretrained``, which undoes the key renaming transformers applies to vision-language
+    checkpoints on save. A sharded (FSDP2) student's class is a wrapper subclass; the model class underneath loads.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
     dtype = next(student.parameters()).dtype
-    saved = type(student).from_pretrained(folder, dtype=dtype)
-    student.load_state_dict(saved.state_dict(), strict=True)
+    cls = next(c for c in type(student).__mro__ if not issubclass(c, FSDPModule))
+    return cls.from_pretrained(checkpoint / "student", dtype=dtype).state_dict()

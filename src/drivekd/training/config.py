@@ -124,6 +124,7 @@ class RunConfig(_Section):
     max_nonfinite_streak: int = 5
     resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
     tensorboard: bool = True
+    fsdp: bool = False  # shard the student over the processes (FSDP2); otherwise replicate it (DDP)
 
 
 class TrainConfig(_Section):
@@ -147,6 +148,8 @@ class TrainConfig(_Section):
         no_teacher = self.model.teacher is None and self.model.teachers is None and self.model.cache is None
         if no_teacher and self.distill.recipe != "sft":
             raise ValueError("model.teacher, model.teachers or model.cache is needed for distillation")
+        if self.run.fsdp and self.model.lora is not None:
+            raise ValueError("run.fsdp with model.lora is not supported; train LoRA students data-parallel")
         return self
 
     @property

@@ -6,7 +6,8 @@ capability, normalised over the whole window) are built; when a projection metho
 exact Gramian of their gradients comes from one vmapped backward (:class:`GramianEngine`), the method turns it into
 coefficients, and one ordinary backward of sum_m c_m L_m adds the combined update to ``.grad``. So the projection
 acts on each micro-step's capability gradients and the projected updates are summed over the window. The
-reweighting takes one step per optimizer step, on the window's mean losses and gradient norms.
+reweighting takes one step per optimizer step, on the window's mean losses and gradient norms. With ``run.fsdp`` the
+student is sharded and the Gramian comes from per-row sharded gradients (:mod:`drivekd.training.sharding`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.distributed.tensor import DTensor
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from drivekd.capture.recorder import AttentionRecorder, use_capture_attention
@@ -39,6 +41,7 @@ from drivekd.models.families import FamilyAdapter
 from drivekd.signals.types import TeacherSignals
 from drivekd.training import checkpoint as ckpt
 from drivekd.training import distributed as dist
+from drivekd.training import sharding
 from drivekd.training.config import TrainConfig, dump_config
 from drivekd.training.models import Models, build_models
 from drivekd.training.objective import Objective, Term, logit_positions, window_counts
@@ -97,6 +100,9 @@ class Trainer:
             )
         self.samples = list(samples) if samples is not None else self._read_data()
         self.rank, self.world = dist.rank_and_world()
+        self.sharded = config.run.fsdp
+        if self.sharded:
+            sharding.shard_student(self.models.student, self.family)
         precision = config.optim.mixed_precision
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.loss_scale = LossScale(precision == "fp16")
@@ -141,11 +147,15 @@ class Trainer:
         )
         self.method = config.gradients.method or "none"
         needs_gramian = self.method != "none" or self.reweighter is not None
-        self.engine = (
-            GramianEngine(self.models.student, reduce=dist.all_reduce_sum, gather=dist.all_gather_cat)
-            if needs_gramian
-            else None
-        )
+        self.engine: GramianEngine | sharding.ShardedGramian | None = None
+        if needs_gramian and self.sharded:
+            self.engine = sharding.ShardedGramian(
+                list(self.models.student.parameters()), list(self.projectors.parameters())
+            )
+        elif needs_gramian:
+            self.engine = GramianEngine(
+                self.models.student, reduce=dist.all_reduce_sum, gather=dist.all_gather_cat
+            )
         self.permutations = torch.Generator().manual_seed(config.run.seed)
         # Pi mixes teachers only in multi-teacher runs (eq. 17); a single-teacher run is CE + w_t L_t.
         self.pi = (
@@ -196,9 +206,10 @@ class Trainer:
         teacher = self._teacher_signals(batch, index) if self.models.sources else {}
         positions = logit_positions(batch.labels)
         use_engine = self.engine is not None and refresh
+        tap = use_engine and isinstance(self.engine, GramianEngine)
         inputs = dict(batch.inputs, logits_to_keep=positions, output_hidden_states=bool(self.recipe.hidden))
         with (
-            self.engine.tap() if use_engine else nullcontext() as tapped,
+            self.engine.tap() if tap else nullcontext() as tapped,
             AttentionRecorder(self.models.student, self.plan, grad=True) as recorder,
         ):
             recorder.start(index if self.plan.tv_layers else None)
@@ -207,7 +218,7 @@ class Trainer:
             ):
                 out = (
                     functional_forward(self.models.student, tapped, inputs)
-                    if use_engine
+                    if tap
                     else self.models.student(**inputs)
                 )
             captured = recorder.collect()
@@ -264,7 +275,10 @@ class Trainer:
         scale = self.loss_scale.scale
         value = terms[0].value
         cotangents = scale * rows.to(device=value.device, dtype=value.dtype)
-        return self.engine.gramian([t.value for t in terms], tapped, cotangents) / scale**2
+        values = [t.value for t in terms]
+        if isinstance(self.engine, sharding.ShardedGramian):
+            return self.engine.gramian(values, cotangents) / scale**2
+        return self.engine.gramian(values, tapped, cotangents) / scale**2
 
     def _combine(
         self, terms: list[Term], plan: _RowPlan, gramian: torch.Tensor | None, weights: dict[str, float]
@@ -351,14 +365,15 @@ class Trainer:
                 )
         record.update(totals)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        dist.sum_gradients(params)  # each rank's terms are partial sums of the global window means
+        # Each rank's terms are partial sums of the global window means; FSDP already reduce-scattered its shards.
+        dist.sum_gradients([p for p in params if not isinstance(p, DTensor)])
         params = [p for p in params if p.grad is not None]
         if self.loss_scale.scale != 1.0:
             for p in params:
                 p.grad.div_(self.loss_scale.scale)
         record["loss_scale"] = self.loss_scale.scale
         finite = not any(r["nonfinite"] for r in results) and all(
-            torch.isfinite(p.grad).all() for p in params
+            torch.isfinite(sharding.local(p.grad)).all() for p in params
         )
         finite = dist.all_reduce_sum(torch.tensor(float(not finite))).item() == 0
         overflow = self.loss_scale.update(finite)
@@ -436,16 +451,25 @@ class Trainer:
             "loss_scale": self.loss_scale.state_dict(),
         }
 
+    def _trained(self) -> torch.nn.Module:
+        """The student and the hidden-state projectors: every tensor the optimizer updates, under one root."""
+        return torch.nn.ModuleDict({"student": self.models.student, "projectors": self.projectors})
+
     def _save(self) -> Path:
         path = self.output_dir / f"checkpoint-{self.step}"
+        state, weights = self._state(), None
+        if self.sharded:  # collectives: every rank gathers, rank 0 writes
+            weights = sharding.full_model_state(self.models.student)
+            state["optimizer"] = sharding.full_optimizer_state(self._trained(), self.optimizer)
         if self.rank == 0:
             ckpt.save_checkpoint(
                 self.output_dir,
                 self.step,
                 self.models.student,
                 self.models.processor,
-                self._state(),
+                state,
                 self.config.run.keep_checkpoints,
+                weights,
             )
         dist.barrier()
         return path
@@ -456,8 +480,13 @@ class Trainer:
             return
         latest = found[-1]
         state = ckpt.load_state(latest)
-        ckpt.load_student_weights(self.models.student, latest)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            weights = {f"student.{k}": v for k, v in ckpt.saved_weights(self.models.student, latest).items()}
+            weights.update({f"projectors.{k}": v for k, v in state["projectors"].items()})
+            sharding.load_full_state(self._trained(), self.optimizer, weights, state["optimizer"])
+        else:
+            ckpt.load_student_weights(self.models.student, latest)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         self.permutations.set_state(state["permutations"])
