@@ -107,7 +107,7 @@ def test_window_normalisation_equals_one_large_batch(data):
                 out = student(**batch.inputs)
                 captured = rec.collect()
             for term in objective.terms(
-                batch, out.logits, captured, dict.fromkeys(recipe.teachers, signals), window
+                batch, index, out.logits, captured, dict.fromkeys(recipe.teachers, signals), window
             ):
                 totals[term.name, term.capability] += float(term.value)
         return totals
@@ -166,7 +166,7 @@ def test_agp_step_applies_the_explicit_agp_update(data, tmp_path):
         rec.start(index)
         out = trainer.models.student(**batch.inputs, logits_to_keep=positions)
         captured = rec.collect()
-    terms = trainer.objective.terms(batch, out.logits, captured, teacher, window, (), positions)
+    terms = trainer.objective.terms(batch, index, out.logits, captured, teacher, window, (), positions)
     for term in terms:
         g = torch.autograd.grad(term.value, params, retain_graph=True, allow_unused=True)
         grads[term.name, term.capability] = torch.cat(

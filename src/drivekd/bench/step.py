@@ -117,7 +117,7 @@ def _naive_step(trainer: Any) -> None:
         recorder.start(index)
         out = trainer.models.student(**batch.inputs, logits_to_keep=positions)
         captured = recorder.collect()
-    terms = trainer.objective.terms(batch, out.logits, captured, teacher, window, (), positions)
+    terms = trainer.objective.terms(batch, index, out.logits, captured, teacher, window, (), positions)
     flat = {}
     for term in terms:
         grads = torch.autograd.grad(term.value, params, retain_graph=True, allow_unused=True)

@@ -111,6 +111,7 @@ class Objective:
     def terms(
         self,
         batch: Batch,
+        index: TVIndex,
         logits: torch.Tensor,
         captured: CapturedAttention,
         teacher: Mapping[str, TeacherSignals],
@@ -120,9 +121,9 @@ class Objective:
     ) -> list[Term]:
         """``teacher`` maps each teacher name (or "base" for the KL / hidden baselines) to its signals.
 
-        ``logits`` may cover only ``logit_positions`` (from :func:`logit_positions`) to save memory.
+        ``index`` is the batch's ``TVIndex.from_masks(roles.text, roles.vision)``, the one the attention was captured
+        with. ``logits`` may cover only ``logit_positions`` (from :func:`logit_positions`) to save memory.
         """
-        index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
         labels = batch.labels if logit_positions is None else kept_labels(batch.labels, logit_positions)
         terms = []
         for capability, rows in capability_rows(batch).items():

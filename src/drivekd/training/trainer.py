@@ -224,6 +224,7 @@ class Trainer:
             captured = recorder.collect()
             terms = self.objective.terms(
                 batch,
+                index,
                 out.logits,
                 captured,
                 teacher,
