@@ -201,10 +201,15 @@ def test_misuse_gives_clear_errors(image_dir, samples):
             model(**batch.inputs)
 
 
+@pytest.mark.parametrize("block_rows", [64, 2])
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-def test_head_mean_probs_backward_equals_autograd_reference(kv_heads):
-    """The hand-written backward equals autograd through softmax().mean(), with GQA and fully masked rows."""
+def test_head_mean_probs_backward_equals_autograd_reference(kv_heads, block_rows, monkeypatch):
+    """The hand-written backward equals autograd through softmax().mean(), with GQA and fully masked rows, in one
+    block of query rows or several (a ragged last block), and under a vmapped backward with K cotangents."""
+    from drivekd.capture import maps
     from drivekd.capture.maps import HeadMeanProbs
+
+    monkeypatch.setattr(maps, "BACKWARD_ROWS", block_rows)
 
     gen = torch.Generator().manual_seed(kv_heads)
     batch, heads, rows, keys, dim = 2, 4, 5, 7, 3
@@ -227,3 +232,10 @@ def test_head_mean_probs_backward_equals_autograd_reference(kv_heads):
     for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     assert torch.autograd.gradcheck(lambda q, k: HeadMeanProbs.apply(q, k, allowed, 0.7), (query, key))
+    cotangents = torch.randn(3, batch, rows, keys, dtype=torch.float64, generator=gen)
+    again = HeadMeanProbs.apply(query, key, allowed, 0.7)
+    batched = torch.autograd.grad(again, (query, key), cotangents, is_grads_batched=True)
+    for i, cotangent in enumerate(cotangents):
+        looped = torch.autograd.grad(reference(query, key), (query, key), cotangent)
+        for got, want in zip(batched, looped, strict=True):
+            torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-14)

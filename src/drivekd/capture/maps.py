@@ -69,25 +69,48 @@ class HeadMeanProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, allowed = ctx.saved_tensors
-        probs = _probs(query, key, allowed, ctx.scale)
-        heads = probs.shape[1] * probs.shape[2]
-        # Each head receives grad / H; softmax backward: dS = P * (dP - sum_j dP_j P_j).
-        weighted = probs * grad.to(probs.dtype)[:, None, None]
-        row = weighted.sum(dim=-1, keepdim=True)
-        # In-place only on tensors derived from grad: under a vmapped backward (is_grads_batched) grad is
-        # batched and probs is not, and an unbatched tensor cannot absorb a batched one in place.
-        scores_grad = weighted.sub_(probs * row).mul_(ctx.scale / heads)
-        # Masked scores are constants (masked_fill), so no gradient flows there. Where a row has any allowed key
-        # the masked probabilities are exactly 0 and so is their gradient; only fully masked (padding) rows,
-        # whose softmax is uniform, need zeroing.
-        dead = ~allowed.any(dim=-1)
-        if dead.any():
-            scores_grad.masked_fill_(dead[:, None, None, :, None], 0)
-        del probs
-        q, k = _grouped(query, key)
-        grad_query = torch.matmul(scores_grad, k).reshape(query.shape).to(query.dtype)
-        grad_key = torch.matmul(scores_grad.transpose(-1, -2), q).sum(dim=2).to(key.dtype)
-        return grad_query, grad_key, None, None
+        total = query.shape[2]
+        if total <= BACKWARD_ROWS:  # one block (a full-range slice of a vmapped grad has no batching rule)
+            return *_head_mean_vjp(query, key, allowed, grad, ctx.scale), None, None
+        # Query rows are independent softmaxes, so the backward walks them in blocks of BACKWARD_ROWS: the
+        # per-head temporaries stay small, which matters most under a vmapped backward (K rows of each).
+        grad_query, grad_key = [], None
+        for start in range(0, total, BACKWARD_ROWS):
+            rows = slice(start, start + BACKWARD_ROWS)
+            block_query, block_key = _head_mean_vjp(
+                query[:, :, rows], key, allowed[:, rows], grad[:, rows], ctx.scale
+            )
+            grad_query.append(block_query)
+            grad_key = block_key if grad_key is None else grad_key + block_key
+        return torch.cat(grad_query, dim=2), grad_key, None, None
+
+
+BACKWARD_ROWS = 64
+
+
+def _head_mean_vjp(
+    query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, grad: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of the head-mean probabilities w.r.t. q and k for one block of query rows."""
+    probs = _probs(query, key, allowed, scale)
+    heads = probs.shape[1] * probs.shape[2]
+    # Each head receives grad / H; softmax backward: dS = P * (dP - sum_j dP_j P_j).
+    weighted = probs * grad.to(probs.dtype)[:, None, None]
+    row = weighted.sum(dim=-1, keepdim=True)
+    # In-place only on tensors derived from grad: under a vmapped backward (is_grads_batched) grad is
+    # batched and probs is not, and an unbatched tensor cannot absorb a batched one in place.
+    scores_grad = weighted.sub_(probs * row).mul_(scale / heads)
+    # Masked scores are constants (masked_fill), so no gradient flows there. Where a row has any allowed key
+    # the masked probabilities are exactly 0 and so is their gradient; only fully masked (padding) rows,
+    # whose softmax is uniform, need zeroing.
+    dead = ~allowed.any(dim=-1)
+    if dead.any():
+        scores_grad.masked_fill_(dead[:, None, None, :, None], 0)
+    del probs
+    q, k = _grouped(query, key)
+    grad_query = torch.matmul(scores_grad, k).reshape(query.shape).to(query.dtype)
+    grad_key = torch.matmul(scores_grad.transpose(-1, -2), q).sum(dim=2).to(key.dtype)
+    return grad_query, grad_key
 
 
 def head_mean_rows(
