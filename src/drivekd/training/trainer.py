@@ -436,12 +436,12 @@ class Trainer:
         record.update(step.as_log())
 
     # ---- persistence ----------------------------------------------------------------------------------------
-    def _state(self) -> dict[str, Any]:
+    def _state(self, optimizer: dict[str, Any]) -> dict[str, Any]:
         return {
             "step": self.step,
             "skipped": self.skipped,
             "streak": self.nonfinite_streak,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": ckpt.rng_state(),
@@ -458,10 +458,12 @@ class Trainer:
 
     def _save(self) -> Path:
         path = self.output_dir / f"checkpoint-{self.step}"
-        state, weights = self._state(), None
+        weights = None
         if self.sharded:  # collectives: every rank gathers, rank 0 writes
             weights = sharding.full_model_state(self.models.student)
-            state["optimizer"] = sharding.full_optimizer_state(self._trained(), self.optimizer)
+            state = self._state(sharding.full_optimizer_state(self._trained(), self.optimizer))
+        else:
+            state = self._state(self.optimizer.state_dict())
         if self.rank == 0:
             ckpt.save_checkpoint(
                 self.output_dir,
