@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.drivekd-installed
 
-.PHONY: install test lint bench-capture bench-capture-quick clean
+.PHONY: install test lint demo demo-quick bench-capture bench-capture-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
+
+# The paper's experiment in miniature on CPU (about 10 minutes on 2 cores); report in runs/demo/report/.
+# Rerunning resumes the same folder; `make clean` (or another OUT) starts afresh.
+demo: $(STAMP)
+	$(VENV)/bin/drivekd demo --out runs/demo
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/drivekd demo --quick --out runs/demo-quick
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests

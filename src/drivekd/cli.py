@@ -67,6 +67,7 @@ def bench_step_cmd(
 def _register_subcommands() -> None:
     """Commands that live beside the stage they drive (evaluation, teacher cache)."""
     from drivekd.analysis.cli import analyze_cmd, figures_cmd
+    from drivekd.demo.cli import demo_app
     from drivekd.evaluation.cli import bench_inference_cmd, eval_app, judge_app
     from drivekd.signals.cli import cache_teacher_cmd
 
@@ -76,6 +77,7 @@ def _register_subcommands() -> None:
     app.command("cache-teacher")(cache_teacher_cmd)
     app.command("analyze")(analyze_cmd)
     app.command("analyze-figures")(figures_cmd)
+    app.add_typer(demo_app, name="demo")
 
 
 _register_subcommands()
