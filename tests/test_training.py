@@ -22,6 +22,7 @@ from drivekd.data.collate import VLMCollator
 from drivekd.data.roles import TVIndex
 from drivekd.data.schema import read_jsonl
 from drivekd.data.synthetic import generate_split
+from drivekd.errors import DriveKDError
 from drivekd.gradients import agp
 from drivekd.models.pair import build_tiny_pair
 from drivekd.signals.live import LiveTeacher
@@ -401,6 +402,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(data, tmp_pa
         assert float((update_two - update_one).norm() / update_one.norm()) < 1e-4
         previous_one, previous_two = one, two
     _assert_same_global_step(_logs(tmp_path / "one"), _logs(tmp_path / "two"))
+
+
+def test_fsdp_outside_a_process_group_is_a_clear_error(data, tmp_path):
+    with pytest.raises(DriveKDError, match="torchrun"):
+        Trainer(_config(data, tmp_path, "run.fsdp=true", "distill.recipe=sft"))
 
 
 @pytest.mark.slow

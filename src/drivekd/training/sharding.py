@@ -26,6 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from drivekd.errors import DriveKDError
 from drivekd.models.families import FamilyAdapter
 from drivekd.training import distributed as dist
 
@@ -34,6 +35,11 @@ FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 def shard_student(student: nn.Module, family: FamilyAdapter) -> nn.Module:
     """Shard ``student`` in place: one FSDP unit per decoder layer, then the root; gradients reduced as sums."""
+    if not torch.distributed.is_initialized():
+        raise DriveKDError(
+            "run.fsdp=true shards the student over processes: launch with torchrun or accelerate launch "
+            "(for example `torchrun --nproc_per_node 8 -m drivekd.cli train ...`), or set run.fsdp=false"
+        )
     _, world = dist.rank_and_world()
     device = next(student.parameters()).device
     mesh = init_device_mesh(device.type, (world,))
