@@ -20,11 +20,12 @@ from rich.table import Table
 from transformers import PreTrainedModel, ProcessorMixin
 
 from drivekd.analysis.confidence import TEMPERATURES
-from drivekd.analysis.dataset import load_prestudy
+from drivekd.analysis.dataset import PrestudySet, load_prestudy
 from drivekd.analysis.figures import write_figures
 from drivekd.analysis.runner import AnalysisOptions, analyze
 from drivekd.analysis.selection import ROLES, fragment_yaml, recommend, train_overrides
 from drivekd.errors import DriveKDError
+from drivekd.fileio import write_text_atomically
 from drivekd.models.families import FamilyAdapter, family_of
 from drivekd.models.pair import load_spec
 
@@ -109,10 +110,18 @@ def analyze_cmd(
             f"analysing {escape(model)} ({adapter.name}, {len(adapter.decoder_layers(loaded))} decoder layers) on "
             f"{len(pre.samples)} samples" + (f" + {len(general.samples)} general" if general else "")
         )
-        metrics = analyze(loaded, processor, adapter, pre, general, options, progress=_progress())
-        metrics["model"] |= {"name": model, "role": role}
-        metrics["recommended_layers"] = recommend(metrics, role)  # type: ignore[arg-type]
-        written = write_results(metrics, out, label=model)
+        metrics, written = analyze_and_write(
+            loaded,
+            processor,
+            adapter,
+            pre,
+            general,
+            options,
+            out,
+            name=model,
+            role=role,
+            progress=_progress(),
+        )
     except (DriveKDError, ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(code=2) from None
@@ -158,12 +167,32 @@ def load_model(
     return model.to(device), processor, family_of(model)
 
 
+def analyze_and_write(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    adapter: FamilyAdapter,
+    data: PrestudySet,
+    general: PrestudySet | None,
+    options: AnalysisOptions,
+    out: Path,
+    *,
+    name: str,
+    role: str,
+    progress: Any = None,
+) -> tuple[dict[str, Any], list[Path]]:
+    """:func:`analyze` one model, recommend its ``role``'s layers and write the results to ``out``."""
+    metrics = analyze(model, processor, adapter, data, general, options, progress=progress)
+    metrics["model"] |= {"name": name, "role": role}
+    metrics["recommended_layers"] = recommend(metrics, role)  # type: ignore[arg-type]
+    return metrics, write_results(metrics, out, label=name)
+
+
 def write_results(metrics: dict[str, Any], out: Path, *, label: str) -> list[Path]:
     """Write metrics.json, layers.yaml and the figures; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, layers_path = out / "metrics.json", out / "layers.yaml"
-    _write_text(metrics_path, json.dumps(json_safe(metrics), indent=1, allow_nan=False))
-    _write_text(layers_path, fragment_yaml(metrics["recommended_layers"]))
+    write_text_atomically(metrics_path, json.dumps(json_safe(metrics), indent=1, allow_nan=False))
+    write_text_atomically(layers_path, fragment_yaml(metrics["recommended_layers"]))
     figures = write_figures([(label, metrics)], out)
     return [metrics_path, layers_path, *figures.values()]
 
@@ -177,12 +206,6 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _temperatures(text: str) -> tuple[float, ...]:

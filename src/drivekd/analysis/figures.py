@@ -16,6 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from drivekd.data.schema import CAPABILITIES
+from drivekd.fileio import write_atomically
 
 Run = tuple[str, dict[str, Any]]
 COLOURS = {"perception": "tab:blue", "reasoning": "tab:orange", "planning": "tab:green", "all": "black"}
@@ -215,6 +216,4 @@ def _nan(values: Sequence[float | None]) -> list[float]:
 
 def _save(fig: Figure, path: Path) -> None:
     """Render to a temporary file, then rename, so an existing figure is only ever replaced by a whole one."""
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))

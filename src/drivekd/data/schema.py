@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from drivekd.data.cameras import check_camera
 from drivekd.data.tags import ObjectTag
 from drivekd.errors import DataError
+from drivekd.fileio import write_atomically
 
 Capability = Literal["perception", "reasoning", "planning"]
 Task = Literal["perception", "prediction", "planning", "behavior"]
@@ -191,11 +192,14 @@ def write_jsonl(samples: Iterable[Sample], path: str | Path) -> int:
     """Write samples to ``path`` atomically (a temporary file renamed into place); returns the count."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as handle:
-        for sample in samples:
-            handle.write(sample.model_dump_json(exclude_none=True) + "\n")
-            count += 1
-    tmp.replace(path)
+
+    def write(tmp: Path) -> None:
+        nonlocal count
+        with tmp.open("w", encoding="utf-8") as handle:
+            for sample in samples:
+                handle.write(sample.model_dump_json(exclude_none=True) + "\n")
+                count += 1
+
+    write_atomically(path, write)
     return count

@@ -31,10 +31,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from drivekd.analysis.cli import write_results
+from drivekd.analysis.cli import analyze_and_write
 from drivekd.analysis.dataset import load_prestudy
-from drivekd.analysis.runner import AnalysisOptions, analyze
-from drivekd.analysis.selection import recommend
+from drivekd.analysis.runner import AnalysisOptions
 from drivekd.data.drivelm import import_drivelm
 from drivekd.data.schema import read_jsonl, write_jsonl
 from drivekd.data.synthetic import generate_split
@@ -195,10 +194,17 @@ def _prestudy(ws: Workspace, config: DemoConfig, teacher: Path) -> None:
         return
     model, processor = load_model(teacher, dtype="float32")
     data = load_prestudy(ws.split("val"), max_samples=config.prestudy_samples)
-    metrics = analyze(model, processor, family_of(model), data, None, AnalysisOptions(batch_size=4))
-    metrics["model"] |= {"name": "demo teacher", "role": "teacher"}
-    metrics["recommended_layers"] = recommend(metrics, "teacher")
-    write_results(metrics, ws.prestudy, label="demo teacher")
+    analyze_and_write(
+        model,
+        processor,
+        family_of(model),
+        data,
+        None,
+        AnalysisOptions(batch_size=4),
+        ws.prestudy,
+        name="demo teacher",
+        role="teacher",
+    )
 
 
 def run_demo(

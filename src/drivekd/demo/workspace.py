@@ -10,13 +10,13 @@ rerun never overwrites results made with other settings and never writes into an
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from drivekd.demo.methods import Method
 from drivekd.errors import DriveKDError
+from drivekd.fileio import write_text_atomically
 
 MARKER = "demo.json"
 
@@ -28,9 +28,7 @@ class WorkspaceError(DriveKDError):
 def write_json(path: Path, value: Any) -> Path:
     """Write JSON whole (temporary file, then rename), so a crash never leaves half a file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(value, indent=1))
     return path
 
 

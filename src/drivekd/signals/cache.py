@@ -42,6 +42,7 @@ from drivekd.data.collate import Batch, VLMCollator
 from drivekd.data.roles import TVIndex
 from drivekd.data.schema import Sample
 from drivekd.errors import CacheError, DataError
+from drivekd.fileio import write_atomically
 from drivekd.models.families import family_of
 from drivekd.signals.live import LiveTeacher
 from drivekd.signals.types import SignalNeeds, TeacherSignals
@@ -241,7 +242,7 @@ def write_cache(
         shards=writer.shards,
         samples=writer.samples,
     )
-    _write_atomically(index_path, lambda tmp: tmp.write_text(cache_index.model_dump_json(indent=1)))
+    write_atomically(index_path, lambda tmp: tmp.write_text(cache_index.model_dump_json(indent=1)))
     return _report(folder, cache_index)
 
 
@@ -436,7 +437,7 @@ class _ShardWriter:
         path = self.folder / name
         # Serialised in memory and written by Python, so the file gets the usual permissions (umask).
         data = save(self._tensors, metadata={"format": FORMAT, "version": str(VERSION)})
-        _write_atomically(path, lambda tmp: tmp.write_bytes(data))
+        write_atomically(path, lambda tmp: tmp.write_bytes(data))
         self.shards.append(
             ShardEntry(
                 file=name,
@@ -490,17 +491,6 @@ def _chunks(samples: Iterable[Sample], size: int) -> Iterator[list[Sample]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path`` (removed if interrupted)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _file_sha256(path: Path) -> str:
