@@ -25,13 +25,13 @@ from drivekd.demo.report import (
     METRIC_TITLES,
     markdown_table,
     method_rows,
-    results_csv,
     row_stat,
     run_scores,
     verdict,
 )
 from drivekd.demo.workspace import Workspace, write_json
 from drivekd.evaluation.inference import table_markdown
+from drivekd.evaluation.report import rows_csv
 from drivekd.training.config import DistillConfig, OptimConfig
 
 PRESTUDY_FIGURE = "fig2_summary.png"
@@ -159,7 +159,7 @@ def publish(
     scores_figure(rows, "judge", out / "scores.png")
     training_figure(logs[config.seeds[0]], out / "training_curves.png", seed=config.seeds[0])
     shutil.copyfile(ws.prestudy / PRESTUDY_FIGURE, out / "prestudy.png")
-    (out / "results.csv").write_text(results_csv(rows), encoding="utf-8")
+    (out / "results.csv").write_text(rows_csv(rows, "method"), encoding="utf-8")
     prestudy = json.loads((ws.prestudy / "metrics.json").read_text(encoding="utf-8"))
     summary = {
         "statement": statement,

@@ -9,18 +9,15 @@ mean and the sample standard deviation (the same eq. 29 formula, :func:`drivekd.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from drivekd.data.schema import CAPABILITIES, TASK_TO_CAPABILITY
 from drivekd.evaluation.aggregate import sample_std
+from drivekd.evaluation.report import COLUMNS, HEADINGS, format_score
 
-AVG = "avg"
-COLUMNS = (*CAPABILITIES, AVG)
-HEADINGS = {"perception": "Perception", "reasoning": "Reasoning", "planning": "Planning", AVG: "Avg."}
+AVG = COLUMNS[-1]  # "avg"
 METRICS = ("judge", "mcq")
 METRIC_TITLES = {"judge": "judge score (0-100)", "mcq": "MCQ accuracy, strict (%)"}
 
@@ -71,9 +68,7 @@ class Stat:
         return cls(sum(present) / len(present), sample_std(present), len(present))
 
     def text(self) -> str:
-        if self.mean is None:
-            return "–"
-        return f"{self.mean:.2f}" if self.std is None else f"{self.mean:.2f} ± {self.std:.2f}"
+        return format_score(self.mean, self.std)
 
 
 def aggregate(runs: Sequence[Mapping[str, float | None]]) -> dict[str, Stat]:
@@ -118,14 +113,6 @@ def method_rows(results: Mapping[str, Sequence[Mapping[str, float | None]]]) -> 
 
 def row_stat(row: Mapping[str, Any], metric: str, column: str) -> Stat:
     return Stat(row[f"{metric}_{column}_mean"], row[f"{metric}_{column}_std"], row["seeds"])
-
-
-def results_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return out.getvalue()
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], metric: str, *, extra: Sequence[str] = ()) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
-def _score(mean: float | None, std: float | None) -> str:
+def format_score(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` with two decimals, the mean alone without a std, a dash when not measured."""
     if mean is None:
         return "–"
     return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
@@ -74,16 +75,17 @@ def table1_markdown(rows: Sequence[dict[str, Any]]) -> str:
     head += ["Memory (GB)", "Speed (tok/s)", "1st-token (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
-        cells = [row["model"], *(_score(row[f"{c}_mean"], row[f"{c}_std"]) for c in COLUMNS)]
+        cells = [row["model"], *(format_score(row[f"{c}_mean"], row[f"{c}_std"]) for c in COLUMNS)]
         cells += [_fmt(row["mcq_strict"]), _fmt(row["mcq_drivebench"])]
         cells += [_fmt(row["memory_gb"], 1), _fmt(row["speed_tok_s"], 1), _fmt(row["ttft_s"], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def table1_csv(rows: Sequence[dict[str, Any]]) -> str:
+def rows_csv(rows: Sequence[Mapping[str, Any]], empty_header: str = "model") -> str:
+    """CSV text of dict rows, the columns in the first row's order (``empty_header`` alone when there are none)."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["model"], lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else [empty_header], lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
@@ -134,7 +136,7 @@ def write_report(
         "json": out / "report.json",
     }
     files["table1_md"].write_text(table1_markdown(rows), encoding="utf-8")
-    files["table1_csv"].write_text(table1_csv(rows), encoding="utf-8")
+    files["table1_csv"].write_text(rows_csv(rows), encoding="utf-8")
     files["table2_md"].write_text(table2_markdown(reports), encoding="utf-8")
     summary = {"table1": rows, "table2": {r["model"]: r.get("correlation") for r in reports}}
     files["json"].write_text(json.dumps(summary, indent=2), encoding="utf-8")
