@@ -97,6 +97,8 @@ class FamilyAdapter(ABC):
     eos_token: ClassVar[str] = "<|im_end|>"
     # The image placeholder the chat template writes for each image (the processor expands it).
     chat_template: ClassVar[str]
+    # Submodules on the vision side of the model: they see the images of batch row 0, then row 1, ... along dim 0.
+    vision_modules: ClassVar[tuple[str, ...]]
 
     def load(
         self, name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", **kwargs: Any
@@ -137,6 +139,10 @@ class FamilyAdapter(ABC):
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         return model.eval()
+
+    def is_vision_module(self, name: str) -> bool:
+        """Whether the module at dotted path ``name`` is on the vision side (encoder or projector)."""
+        return any(part in self.vision_modules for part in name.split("."))
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The language model's decoder layers, in order (index 0 is the paper's layer 1)."""
@@ -181,6 +187,7 @@ class _QwenAdapter(FamilyAdapter):
         "vision_end_token": "<|vision_end|>",
     }
     chat_template = _QWEN_TEMPLATE
+    vision_modules = ("visual",)
     patch_size: ClassVar[int] = 14
 
     def tiny_processor(self, tokenizer: Any, image_size: tuple[int, int]) -> ProcessorMixin:
@@ -280,6 +287,7 @@ class InternVLAdapter(FamilyAdapter):
         "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
+    vision_modules = ("vision_tower", "multi_modal_projector")
     patch_size: ClassVar[int] = 14
 
     def _tile(self, image_size: tuple[int, int]) -> int:

@@ -36,6 +36,7 @@ from drivekd.gradients import LossReweighter
 from drivekd.gradients.autogram import GramianEngine, functional_forward
 from drivekd.gradients.gramian import combine_weights
 from drivekd.gradients.mixing import Combination, atomic_coefficients, combination_matrix, group_matrix
+from drivekd.gradients.owners import TokenOwners, owners_of
 from drivekd.losses import HiddenProjector
 from drivekd.models.families import FamilyAdapter
 from drivekd.signals.types import TeacherSignals
@@ -154,7 +155,10 @@ class Trainer:
             )
         elif needs_gramian:
             self.engine = GramianEngine(
-                self.models.student, reduce=dist.all_reduce_sum, gather=dist.all_gather_cat
+                self.models.student,
+                reduce=dist.all_reduce_sum,
+                gather=dist.all_gather_cat,
+                is_vision=self.family.is_vision_module,
             )
         self.permutations = torch.Generator().manual_seed(config.run.seed)
         # Pi mixes teachers only in multi-teacher runs (eq. 17); a single-teacher run is CE + w_t L_t.
@@ -209,10 +213,17 @@ class Trainer:
         tap = use_engine and isinstance(self.engine, GramianEngine)
         inputs = dict(batch.inputs, logits_to_keep=positions, output_hidden_states=bool(self.recipe.hidden))
         with (
-            self.engine.tap() if tap else nullcontext() as tapped,
+            self.engine.tap(self._owners(batch)) if tap else nullcontext() as tapped,
             AttentionRecorder(self.models.student, self.plan, grad=True) as recorder,
         ):
-            recorder.start(index if self.plan.tv_layers else None)
+            # Attention terms built layer by layer as the forward runs (see StreamedTerms), except under
+            # gradient checkpointing, whose layer replays do not recompute the maps.
+            streamed = (
+                None
+                if self.config.model.gradient_checkpointing or not self.recipe.teachers
+                else self.objective.stream(batch, index, teacher)
+            )
+            recorder.start(index if self.plan.tv_layers else None, consumer=streamed)
             with torch.autocast(
                 self.device.type, self.autocast or torch.bfloat16, enabled=self.autocast is not None
             ):
@@ -231,6 +242,7 @@ class Trainer:
                 window,
                 out.hidden_states if self.recipe.hidden else (),
                 positions,
+                streamed,
             )
             local_bad = not all(torch.isfinite(t.value).all() for t in terms)
             if dist.all_reduce_sum(torch.tensor(float(local_bad))).item() > 0:  # every rank skips together
@@ -245,6 +257,17 @@ class Trainer:
         scale = self.loss_scale.scale
         torch.autograd.backward(sum(scale * c * t.value for c, t in zip(coefficients, terms, strict=True)))
         return {"nonfinite": False, "terms": terms, "stats": stats, "norms": norms}
+
+    def _owners(self, batch: Batch) -> TokenOwners | None:
+        """Each batch row's capability, so the engine can split gradients by capability (module taps).
+
+        None under gradient checkpointing: recomputed layers would fire the module hooks a second time.
+        """
+        if self.config.model.gradient_checkpointing:
+            return None
+        order = self.config.capabilities
+        rows = [order.index(c) for c in batch.capabilities]
+        return owners_of(rows, batch.roles.vision.sum(1), len(order))
 
     def _plan(self, terms: list[Term], weights: dict[str, float]) -> _RowPlan:
         """The loss combinations whose Gramian this step needs, as rows over the atomic terms.
@@ -279,7 +302,8 @@ class Trainer:
         values = [t.value for t in terms]
         if isinstance(self.engine, sharding.ShardedGramian):
             return self.engine.gramian(values, cotangents) / scale**2
-        return self.engine.gramian(values, tapped, cotangents) / scale**2
+        groups = [self.config.capabilities.index(t.capability) for t in terms]
+        return self.engine.gramian(values, tapped, cotangents, groups) / scale**2
 
     def _combine(
         self, terms: list[Term], plan: _RowPlan, gramian: torch.Tensor | None, weights: dict[str, float]
