@@ -239,3 +239,66 @@ def test_head_mean_probs_backward_equals_autograd_reference(kv_heads, block_rows
         looped = torch.autograd.grad(reference(query, key), (query, key), cotangent)
         for got, want in zip(batched, looped, strict=True):
             torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-14)
+
+
+def test_a_consumer_gets_each_map_as_its_layer_runs_and_its_gradient_just_in_time(image_dir, samples):
+    """Losses built by a consumer sit at their layers: each map's gradient arrives after the gradient of its
+    layer's output, not (as for losses built after the forward) before the backward reaches any layer."""
+    _, model, batch, index = _setup("qwen2_5_vl", image_dir, samples, dtype=torch.float64)
+    decoder = FAMILIES["qwen2_5_vl"].decoder_layers(model)
+    plan = CapturePlan.of(tv=[0], full=range(1, len(decoder) - 1))
+    use_capture_attention(model)
+
+    def run(streaming: bool):
+        events, handles, losses, layers_run = [], [], [], []
+
+        def on_layer(k):
+            def hook(module, args, output):
+                layers_run.append(k)
+                hidden = output if isinstance(output, torch.Tensor) else output[0]
+                hidden.register_hook(lambda g: events.append(("layer", k)))
+
+            return hook
+
+        def consumer(layer, kind, maps):
+            assert layers_run[-1] == layer - 1 if layer else not layers_run  # called inside layer `layer`
+            maps.register_hook(lambda g: events.append((kind, layer)))
+            losses.append(maps.pow(2).sum())
+
+        handles = [layer.register_forward_hook(on_layer(k)) for k, layer in enumerate(decoder)]
+        with AttentionRecorder(model, plan, grad=True) as recorder:
+            recorder.start(index, consumer=consumer if streaming else None)
+            logits = model(**batch.inputs).logits
+            captured = recorder.collect()
+        losses.append(logits.sum() * 1e-3)  # every layer's output gets a gradient
+        for handle in handles:
+            handle.remove()
+        if not streaming:
+            for kind, maps in (("full", captured.full), ("tv", captured.tv)):
+                for layer, m in sorted(maps.items()):
+                    m.register_hook(lambda g, kind=kind, layer=layer: events.append((kind, layer)))
+                    losses.append(m.pow(2).sum())
+        sum(losses).backward()
+        return events, captured
+
+    streamed, captured = run(streaming=True)
+    deferred, reference = run(streaming=False)
+    for layer, maps in reference.full.items():
+        torch.testing.assert_close(captured.full[layer], maps, rtol=0, atol=0)
+    torch.testing.assert_close(captured.tv[0], reference.tv[0], rtol=0, atol=0)
+    first_layer_grad = deferred.index(next(e for e in deferred if e[0] == "layer"))
+    assert all(deferred.index(("full", k)) < first_layer_grad for k in reference.full)
+    for k in reference.full:  # streamed: after the gradient of layer k's output, before layer k-1's
+        assert streamed.index(("layer", k)) < streamed.index(("full", k)) < streamed.index(("layer", k - 1))
+    assert streamed.index(("layer", 0)) < streamed.index(("tv", 0))
+
+
+def test_a_consumer_is_refused_under_gradient_checkpointing(image_dir, samples):
+    _, model, _, index = _setup("qwen2_5_vl", image_dir, samples)
+    use_capture_attention(model)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    with (
+        AttentionRecorder(model, CapturePlan.of(full=[1]), grad=True) as recorder,
+        pytest.raises(CaptureError, match="gradient checkpointing"),
+    ):
+        recorder.start(index, consumer=lambda *a: None)

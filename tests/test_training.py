@@ -152,6 +152,8 @@ def test_agp_step_applies_the_explicit_agp_update(data, tmp_path):
     params = [p for p in trainer.models.student.parameters() if p.requires_grad]
     result = trainer._micro_step(batch, window, refresh=True, weights=weights)
     update = torch.cat([p.grad.flatten() for p in params])
+    # The engine split the six projection rows by capability: two backpropagated rows (sup, distill) carry them.
+    assert trainer.engine.backpropagated_rows == 2
     # Explicit reference: per-term gradients from a plain forward, rows built by eq. 17, AGP on vectors.
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.engine = None
@@ -566,3 +568,37 @@ def test_fp16_training_scales_losses_and_overflows_do_not_stop_the_run(data, tmp
     assert log[0]["skipped_nonfinite"] == 1 and log[0]["loss_scale"] == 2.0**16
     assert log[1]["loss_scale"] == 2.0**15 and "skipped_nonfinite" not in log[1]
     assert all(math.isfinite(r["grad_norm"]) for r in log[1:])
+
+
+@pytest.mark.parametrize("metric", ["mse", "cosine"])
+def test_terms_streamed_during_the_forward_equal_terms_built_after_it(data, tmp_path, metric):
+    """Every attention term built layer by layer (StreamedTerms) equals the one built from the collected maps."""
+    from drivekd.capture.recorder import AttentionRecorder
+    from drivekd.training.objective import logit_positions
+
+    config = _config(data, tmp_path, "model.dtype=float64", f"distill.metric={metric}")
+    trainer = Trainer(config)
+    batch = trainer.collate(trainer.sampler.next())
+    batch.inputs["pixel_values"] = batch.inputs["pixel_values"].double()
+    index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
+    teacher = trainer._teacher_signals(batch, index)
+    window = window_counts([batch], trainer.recipe, config.distill)
+    positions = logit_positions(batch.labels)
+
+    def terms(streaming: bool) -> dict:
+        streamed = trainer.objective.stream(batch, index, teacher) if streaming else None
+        with AttentionRecorder(trainer.models.student, trainer.plan, grad=True) as recorder:
+            recorder.start(index, consumer=streamed)
+            out = trainer.models.student(**batch.inputs, logits_to_keep=positions)
+            captured = recorder.collect()
+        built = trainer.objective.terms(
+            batch, index, out.logits, captured, teacher, window, (), positions, streamed
+        )
+        if streaming:  # the attention terms really came from the stream
+            assert {(t.name, t.capability) for t in built if t.name != "ce"} == streamed.values.keys()
+        return {(t.name, t.capability): t.value for t in built}
+
+    streamed, collected = terms(True), terms(False)
+    assert streamed.keys() == collected.keys() and len(streamed) == 12
+    for key, value in collected.items():
+        torch.testing.assert_close(streamed[key], value, rtol=1e-12, atol=1e-15, msg=str(key))

@@ -17,7 +17,7 @@ refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -65,6 +65,9 @@ def use_capture_attention(model: PreTrainedModel) -> None:
     model.set_attn_implementation({"text_config": ATTENTION_NAME, "vision_config": "sdpa"})
 
 
+MapConsumer = Callable[[int, str, torch.Tensor], None]
+
+
 @dataclass
 class CapturedAttention:
     """Head-mean maps of one forward, keyed by 0-based decoder layer index.
@@ -100,6 +103,11 @@ class AttentionRecorder:
 
     Use as a context manager; call :meth:`start` before each forward (with the batch's :class:`TVIndex` when the
     plan has ``tv`` layers) and :meth:`collect` after it, before backward.
+
+    A student's maps are computed at :meth:`collect` by default. With a ``consumer`` (see :meth:`start`) each is
+    computed as its layer runs and handed over at once, so that a loss built from it sits at that layer in the
+    autograd graph: the backward then creates each map's gradient just before the layer needs it, instead of all
+    of them when it starts.
     """
 
     def __init__(self, model: PreTrainedModel, plan: CapturePlan, *, grad: bool) -> None:
@@ -114,6 +122,7 @@ class AttentionRecorder:
             )
         self._result: CapturedAttention | None = None
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = {}
+        self._consumer: MapConsumer | None = None
 
     def __enter__(self) -> AttentionRecorder:
         self._refuse_reentrant_checkpointing()
@@ -133,19 +142,30 @@ class AttentionRecorder:
                 delattr(attn, _HOOK_ATTR)
         self._result = None
 
-    def start(self, tv_index: TVIndex | None = None) -> None:
-        """Begin a forward; ``tv_index`` locates the text-to-vision block when the plan has ``tv`` layers."""
+    def start(self, tv_index: TVIndex | None = None, consumer: MapConsumer | None = None) -> None:
+        """Begin a forward; ``tv_index`` locates the text-to-vision block when the plan has ``tv`` layers.
+
+        ``consumer(layer, kind, map)`` ("tv" or "full") receives each map as its layer runs. Not under gradient
+        checkpointing: a checkpointed layer's replay would not recompute the map's saved tensors.
+        """
         if self.plan.tv_layers and tv_index is None:
             raise CaptureError("the plan records text-to-vision blocks: pass the batch's TVIndex to start()")
+        if consumer is not None and any(
+            getattr(layer, "gradient_checkpointing", False) for layer in self.layers
+        ):
+            raise CaptureError(
+                "a map consumer cannot be used with gradient checkpointing; collect() the maps"
+            )
         self._result = CapturedAttention(tv_index=tv_index)
         self._pending = {}
+        self._consumer = consumer
 
     def collect(self) -> CapturedAttention:
         """The maps of the forward since :meth:`start` (computed now for a student)."""
         if self._result is None:
             raise CaptureError("collect() called without start()")
         result, pending = self._result, self._pending
-        self._result, self._pending = None, {}
+        self._result, self._pending, self._consumer = None, {}, None
         for layer in sorted(pending):
             self._compute(layer, *pending[layer], into=result)
         missing = sorted(self.plan.layers - result.tv.keys() - result.full.keys())
@@ -169,8 +189,14 @@ class AttentionRecorder:
             raise CaptureError("a forward ran with the recorder attached but without start()")
         if layer in self._pending or layer in self._result.tv.keys() | self._result.full.keys():
             raise CaptureError(f"decoder layer {layer} was recorded twice in one forward")
-        if self.grad:
+        if self.grad and self._consumer is None:
             self._pending[layer] = (query, key, mask, scale)
+            return
+        if self.grad:
+            self._compute(layer, query, key, mask, scale, into=self._result)
+            for kind, maps in (("full", self._result.full), ("tv", self._result.tv)):
+                if layer in maps:
+                    self._consumer(layer, kind, maps[layer])
             return
         with torch.no_grad():
             self._compute(layer, query, key, mask, scale, into=self._result)

@@ -118,18 +118,25 @@ class Objective:
         window: Counter[tuple[str, str]],
         student_hidden: Sequence[torch.Tensor] = (),
         logit_positions: torch.Tensor | None = None,
+        streamed: StreamedTerms | None = None,
     ) -> list[Term]:
         """``teacher`` maps each teacher name (or "base" for the KL / hidden baselines) to its signals.
 
         ``index`` is the batch's ``TVIndex.from_masks(roles.text, roles.vision)``, the one the attention was captured
         with. ``logits`` may cover only ``logit_positions`` (from :func:`logit_positions`) to save memory.
+        ``streamed``: the attention terms already built during the forward (:meth:`stream`).
         """
         labels = batch.labels if logit_positions is None else kept_labels(batch.labels, logit_positions)
         terms = []
         for capability, rows in capability_rows(batch).items():
             values = {"ce": supervised_loss(logits[rows], labels[rows])}
             for name in self.recipe.teachers:
-                values[name] = self._attention(name, rows, batch, index, captured, teacher[name])
+                streamed_value = streamed.get((name, capability)) if streamed is not None else None
+                values[name] = (
+                    streamed_value
+                    if streamed_value is not None
+                    else self._attention(name, rows, batch, index, captured, teacher[name])
+                )
             if self.recipe.kl:
                 teacher_logits = teacher["base"].logits[rows]
                 if logit_positions is not None:
@@ -154,20 +161,35 @@ class Objective:
         captured: CapturedAttention,
         teacher: TeacherSignals,
     ) -> torch.Tensor:
-        kind, cosine = signal_kind(self.config, name), self.config.metric == "cosine"
-        student_layers, groups = self.layers.student[name], self.layers.teacher[name]
-        picked = index.select(rows)
-        valid = batch.roles.valid[rows]
+        """Teacher ``name``'s term on ``rows``: the mean over its layers of the per-layer loss (eqs. 12-15, 30-35)."""
+        kind = signal_kind(self.config, name)
+        maps = captured.tv if kind == "tv" else captured.full
+        targets = self._targets(name, rows, teacher)
+        layers = self.layers.student[name]
+        return sum(
+            self._layer_loss(kind, maps[layer][rows], target, index.select(rows), batch.roles.valid[rows])
+            for layer, target in zip(layers, targets, strict=True)
+        ) / len(layers)
+
+    def _targets(self, name: str, rows: torch.Tensor, teacher: TeacherSignals) -> list[torch.Tensor]:
+        """Teacher targets on ``rows``, one per student layer (sliding teacher-layer groups averaged)."""
+        signals = teacher.tv if signal_kind(self.config, name) == "tv" else teacher.full
+        return group_targets({k: t[rows] for k, t in signals.items()}, self.layers.teacher[name])
+
+    def _layer_loss(
+        self, kind: str, student: torch.Tensor, target: torch.Tensor, picked: TVIndex, valid: torch.Tensor
+    ) -> torch.Tensor:
+        cosine = self.config.metric == "cosine"
         if kind == "tv":
-            targets = group_targets({k: t[rows] for k, t in teacher.tv.items()}, groups)
-            blocks = [captured.tv[layer][rows] for layer in student_layers]
             loss = text_to_vision_cosine_blocks if cosine else text_to_vision_mse_blocks
-            return sum(loss(s, t, picked) for s, t in zip(blocks, targets, strict=True)) / len(blocks)
-        targets = group_targets({k: t[rows] for k, t in teacher.full.items()}, groups)
-        maps = [captured.full[layer][rows] for layer in student_layers]
+            return loss(student, target, picked)
         if cosine:
-            return full_attention_cosine(maps, targets, valid)
-        return sum(full_attention_mse(s, t, valid) for s, t in zip(maps, targets, strict=True)) / len(maps)
+            return full_attention_cosine([student], [target], valid)
+        return full_attention_mse(student, target, valid)
+
+    def stream(self, batch: Batch, index: TVIndex, teacher: Mapping[str, TeacherSignals]) -> StreamedTerms:
+        """A map consumer for :class:`AttentionRecorder` that builds the attention terms as the forward runs."""
+        return StreamedTerms(self, batch, index, teacher)
 
     def _hidden(
         self,
@@ -180,6 +202,44 @@ class Objective:
         targets = group_targets({k: t[rows] for k, t in teacher.hidden.items()}, groups)
         students = [student_hidden[layer][rows] for layer, _ in self.hidden_pairs]
         return grouped_hidden_mse(students, targets, batch.roles.valid[rows], list(self.projectors))
+
+
+class StreamedTerms:
+    """Attention terms accumulated layer by layer while the student's forward records each map.
+
+    A term built after the forward sits after every layer in the autograd graph, so the backward creates the
+    gradients of all captured maps at once when it starts (R-fold in a Gramian's vmapped backward). Built here,
+    each layer's share sits right after that layer and its map's gradient appears just before the layer's backward.
+    """
+
+    def __init__(
+        self, objective: Objective, batch: Batch, index: TVIndex, teacher: Mapping[str, TeacherSignals]
+    ) -> None:
+        self.objective = objective
+        self.capabilities = capability_rows(batch)
+        self.valid = {c: batch.roles.valid[rows] for c, rows in self.capabilities.items()}
+        self.picked = {c: index.select(rows) for c, rows in self.capabilities.items()}
+        self.targets = {
+            (name, c): objective._targets(name, rows, teacher[name])
+            for name in objective.recipe.teachers
+            for c, rows in self.capabilities.items()
+        }
+        self.values: dict[tuple[str, str], torch.Tensor] = {}
+
+    def __call__(self, layer: int, kind: str, maps: torch.Tensor) -> None:
+        for name in self.objective.recipe.teachers:
+            layers = self.objective.layers.student[name]
+            if layer not in layers or signal_kind(self.objective.config, name) != kind:
+                continue
+            position = layers.index(layer)
+            for c, rows in self.capabilities.items():
+                share = self.objective._layer_loss(
+                    kind, maps[rows], self.targets[name, c][position], self.picked[c], self.valid[c]
+                ) / len(layers)
+                self.values[name, c] = share if (name, c) not in self.values else self.values[name, c] + share
+
+    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
+        return self.values.get(key)
 
 
 def logit_positions(labels: torch.Tensor) -> torch.Tensor:
