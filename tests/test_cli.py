@@ -101,12 +101,14 @@ def test_step_benchmark_reports_every_variant():
     from drivekd.bench import step
 
     micro = step.StepBenchConfig(
-        student=(32, 3, 2, 1, 64), teacher=(48, 4, 4, 2, 96), image_size=(112, 63), steps=1, refresh=2
+        student=(32, 3, 2, 1, 64), teacher=(48, 4, 4, 2, 96), image_size=(112, 63), periods=1, refresh=2
     )
     report = step.run(micro, variants=("sft", "none", "agp", "agp_amortised", "naive"))
     assert set(report["ratios"]) == {"sft", "none", "agp", "agp_amortised", "naive"}
     for variant, ratio in report["ratios"].items():
         assert ratio["time_ratio"] > 0 and ratio["memory_ratio"] > 0, variant
+    # Every variant measured the same steps (the same batches), the amortised one including its refresh.
+    assert {len(r["step_seconds"]) for r in report["results"].values()} == {2}
     assert set(report["checks"]) == {
         "agp_memory_vs_plain_multi",
         "agp_faster_than_naive",

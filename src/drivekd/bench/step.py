@@ -5,7 +5,7 @@ gradient accumulation 1) and is compared with a plain SFT step (CE only) measure
 
 * ``sft``: CE only; ``none``: the multi-teacher loss (eq. 17) with no projection;
 * ``agp``: exact AGP in Gramian form (one vmapped backward for the Gramian, one backward of sum c_k L_k);
-* ``agp_amortised``: AGP whose coefficients are refreshed every ``refresh`` steps (mean over a refresh period);
+* ``agp_amortised``: AGP whose coefficients are refreshed every ``refresh`` steps;
 * ``naive``: AGP from K flattened per-term gradient copies (K backward passes, explicit vectors);
 * ``agp_live``: exact AGP with the teacher run live instead of read from the cache (all others use the cache).
 
@@ -35,14 +35,14 @@ class StepBenchConfig:
     student: tuple[int, int, int, int, int] = (256, 8, 8, 2, 768)  # hidden, layers, heads, kv heads, MLP
     teacher: tuple[int, int, int, int, int] = (384, 12, 12, 4, 1152)
     image_size: tuple[int, int] = (448, 252)  # 144 vision tokens per image
-    steps: int = 2
-    refresh: int = 4
+    periods: int = 1  # measured steps = periods x refresh, the same for every variant
+    refresh: int = 8
     device: str = "cpu"
     dtype: str = "float32"
 
 
 QUICK = StepBenchConfig(
-    student=(64, 4, 4, 2, 128), teacher=(96, 6, 6, 2, 192), image_size=(224, 126), steps=1, refresh=2
+    student=(64, 4, 4, 2, 128), teacher=(96, 6, 6, 2, 192), image_size=(224, 126), periods=1, refresh=2
 )
 
 
@@ -142,17 +142,22 @@ def _naive_step(trainer: Any) -> None:
 
 
 def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
+    """Every variant measures the same ``periods x refresh`` optimizer steps, so all see the same batches.
+
+    Batches differ in cost (answer lengths, kept logit positions), so comparing variants on different steps would
+    compare batches, not methods; the amortised variant refreshes its coefficients on one step of every period.
+    """
     torch.manual_seed(0)
     trainer = _trainer(variant, cfg, workdir)
     step = (lambda: _naive_step(trainer)) if variant == "naive" else trainer._optimizer_step
-    period = cfg.refresh if variant == "agp_amortised" else 1
-    step()  # warm-up
-    runs = []
-    for _ in range(cfg.steps):
-        results = [measure(step, trainer.device) for _ in range(period)]
-        runs.append((sum(r.seconds for r in results) / period, max(r.peak_bytes for r in results)))
-    # The fastest period is the least disturbed by other processes; memory keeps the worst step.
-    return {"variant": variant, "seconds": min(r[0] for r in runs), "peak_bytes": max(r[1] for r in runs)}
+    step()  # warm-up (a refresh step for agp_amortised, so the measured periods each hold one refresh)
+    results = [measure(step, trainer.device) for _ in range(cfg.periods * cfg.refresh)]
+    return {
+        "variant": variant,
+        "seconds": sum(r.seconds for r in results) / len(results),
+        "peak_bytes": max(r.peak_bytes for r in results),
+        "step_seconds": [r.seconds for r in results],
+    }
 
 
 def prepare(cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
