@@ -161,7 +161,10 @@ class GramianEngine:
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         rows = torch.eye(len(losses), dtype=torch.float64) if rows is None else rows
         split = None
-        if loss_groups is not None and tapped.splittable:
+        split_ok = loss_groups is not None and tapped.splittable
+        if tapped.sink is not None:  # under data parallelism every rank must take the same path
+            split_ok = float(self.state.reduce(torch.tensor(float(not split_ok)))) == 0
+        if split_ok:
             groups = torch.as_tensor(list(loss_groups), dtype=torch.int64)
             split = split_rows(rows.detach().cpu(), groups, tapped.owners.groups)
         cotangents = rows if split is None else split.cotangents

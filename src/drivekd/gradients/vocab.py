@@ -24,11 +24,11 @@ def _float(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _one_hot(owner: torch.Tensor | None, length: int, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """(groups, length) indicator of each group's positions; one group owns everything when unsplit."""
+def _one_hot(owner: torch.Tensor | None, like: torch.Tensor, groups: int) -> torch.Tensor:
+    """(groups, positions) indicator of each group's positions of ``like`` (K, N, V); all of them when unsplit."""
     if groups == 1 or owner is None:
-        return torch.ones(1, length, dtype=dtype)
-    return F.one_hot(owner, groups).to(dtype).T
+        return like.new_ones(1, like.shape[1])
+    return F.one_hot(owner.to(like.device), groups).to(like.dtype).T
 
 
 @dataclass
@@ -51,7 +51,7 @@ class VocabRecord:
         x = self.state.gather(self.head_inputs, 0).to(d.dtype)
         self.head_inputs = x
         owner = self.state.gather(self.head_owner, 0) if groups > 1 else None
-        onehot = _one_hot(owner, d.shape[1], groups, d.dtype)  # (G, N)
+        onehot = _one_hot(owner, d, groups)  # (G, N)
         xx = x @ x.T
         block = d.new_zeros(groups, k, groups, k)
         for h in range(groups):
@@ -73,7 +73,7 @@ class VocabRecord:
         used = int(inverse.max()) + 1
         slot = inverse
         if groups > 1:
-            slot = self.state.gather(self.token_owner, 0) * used + inverse
+            slot = self.state.gather(self.token_owner, 0).to(inverse.device) * used + inverse
         rows = d.new_zeros(k, groups * used, d.shape[-1]).index_add_(1, slot, d)
         rows = rows.reshape(k, groups, used, -1).transpose(0, 1).reshape(groups * k, used, -1)
         self.state.add(torch.einsum("kud,lud->kl", rows, rows))

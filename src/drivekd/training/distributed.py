@@ -19,20 +19,29 @@ def rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
 
 
+def _wire(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` on a device the process group's backend can communicate (NCCL alone cannot send CPU tensors)."""
+    backend = str(dist.get_backend())
+    if tensor.device.type == "cpu" and "nccl" in backend and "gloo" not in backend:
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """The sum over ranks (a new tensor; the input is left as is)."""
+    """The sum over ranks (a new tensor on the input's device; the input is left as is)."""
     if not active():
         return tensor
-    total = tensor.detach().clone().contiguous()
+    total = _wire(tensor.detach()).clone().contiguous()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total
+    return total.to(tensor.device)
 
 
 def all_gather_cat(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along ``dim`` (sizes along ``dim`` may differ between ranks)."""
     if not active():
         return tensor
-    tensor = tensor.detach().contiguous()
+    device = tensor.device
+    tensor = _wire(tensor.detach()).contiguous()
     size = torch.tensor([tensor.shape[dim]], device=tensor.device)
     sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, size)
@@ -41,7 +50,8 @@ def all_gather_cat(tensor: torch.Tensor, dim: int) -> torch.Tensor:
     padded = torch.nn.functional.pad(tensor, pad)
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([p.narrow(dim, 0, int(s.item())) for p, s in zip(parts, sizes, strict=True)], dim=dim)
+    gathered = [p.narrow(dim, 0, int(s.item())) for p, s in zip(parts, sizes, strict=True)]
+    return torch.cat(gathered, dim=dim).to(device)
 
 
 def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
