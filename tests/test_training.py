@@ -227,8 +227,10 @@ def test_reweighting_updates_weights_and_logs_everything(data, tmp_path):
         "lr",
         "reweight/objective",
         "reweight/wG/ce",
+        "gramian/rows",
     ):
         assert key in lines[-1], key
+    assert lines[-1]["gramian/rows"] == 2  # CE and the planning term, split by capability (one here)
     assert any((tmp_path / "tensorboard").iterdir())
 
 

@@ -256,7 +256,8 @@ class Trainer:
         coefficients, stats, norms = self._combine(terms, plan, gramian, weights)
         scale = self.loss_scale.scale
         torch.autograd.backward(sum(scale * c * t.value for c, t in zip(coefficients, terms, strict=True)))
-        return {"nonfinite": False, "terms": terms, "stats": stats, "norms": norms}
+        rows = self.engine.backpropagated_rows if gramian is not None and tap else None
+        return {"nonfinite": False, "terms": terms, "stats": stats, "norms": norms, "gramian_rows": rows}
 
     def _owners(self, batch: Batch) -> TokenOwners | None:
         """Each batch row's capability, so the engine can split gradients by capability (module taps).
@@ -421,6 +422,9 @@ class Trainer:
                 )
             self.optimizer.step()
             self._record_projections(record, results)
+            rows = [r["gramian_rows"] for r in results if r.get("gramian_rows") is not None]
+            if rows:  # rows the Gramian's vmapped backward carried (fewer when split by capability)
+                record["gramian/rows"] = max(rows)
             self._reweight(record, results)
         self.scheduler.step()
         self.step += 1
