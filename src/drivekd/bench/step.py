@@ -120,13 +120,8 @@ def _naive_step(trainer: Any) -> None:
     terms = trainer.objective.terms(batch, index, out.logits, captured, teacher, window, (), positions)
     flat = {}
     for term in terms:
-        grads = torch.autograd.grad(term.value, params, retain_graph=True, allow_unused=True)
-        flat[term.name, term.capability] = torch.cat(
-            [
-                (g if g is not None else torch.zeros_like(p)).flatten()
-                for g, p in zip(grads, params, strict=True)
-            ]
-        )
+        grads = torch.autograd.grad(term.value, params, retain_graph=True, materialize_grads=True)
+        flat[term.name, term.capability] = torch.cat([g.flatten() for g in grads])
     capabilities = ("perception", "reasoning", "planning")
     pi = trainer.config.distill.pi
     sup = {c: flat["ce", c] for c in capabilities}

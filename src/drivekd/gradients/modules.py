@@ -100,16 +100,9 @@ class ModuleCall:
         rows = []
         for row in grad:
             grads = torch.autograd.grad(
-                out, list(leaves.values()), row.to(out.dtype), retain_graph=True, allow_unused=True
+                out, list(leaves.values()), row.to(out.dtype), retain_graph=True, materialize_grads=True
             )
-            rows.append(
-                torch.cat(
-                    [
-                        (g if g is not None else torch.zeros_like(p)).flatten()
-                        for g, p in zip(grads, leaves.values(), strict=True)
-                    ]
-                )
-            )
+            rows.append(torch.cat([g.flatten() for g in grads]))
         return torch.stack(rows)
 
 

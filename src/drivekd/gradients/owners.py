@@ -85,7 +85,7 @@ def split_rows(rows: torch.Tensor, loss_groups: torch.Tensor, groups: int, rtol:
             bases.append((part.new_zeros(0, part.shape[1]), part.new_zeros(0)))
             continue
         _, sigma, vh = torch.linalg.svd(part, full_matrices=False)
-        keep = sigma > rtol * float(sigma.max()) if sigma.numel() and float(sigma.max()) > 0 else sigma < 0
+        keep = sigma > rtol * sigma.max()  # none when the part is all zeros
         bases.append((vh[keep], sigma[keep]))
     size = max(1, max(basis.shape[0] for basis, _ in bases))
     scale = max((float(s.max()) for _, s in bases if s.numel()), default=1.0)

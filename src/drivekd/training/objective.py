@@ -124,19 +124,18 @@ class Objective:
 
         ``index`` is the batch's ``TVIndex.from_masks(roles.text, roles.vision)``, the one the attention was captured
         with. ``logits`` may cover only ``logit_positions`` (from :func:`logit_positions`) to save memory.
-        ``streamed``: the attention terms already built during the forward (:meth:`stream`).
+        ``streamed``: the attention terms already built during the forward (:meth:`stream`); without it they are
+        built here from ``captured``, by the same code.
         """
+        if streamed is None and self.recipe.teachers:
+            streamed = self.stream(batch, index, teacher)
+            streamed.feed(captured)
         labels = batch.labels if logit_positions is None else kept_labels(batch.labels, logit_positions)
         terms = []
         for capability, rows in capability_rows(batch).items():
             values = {"ce": supervised_loss(logits[rows], labels[rows])}
             for name in self.recipe.teachers:
-                streamed_value = streamed.get((name, capability)) if streamed is not None else None
-                values[name] = (
-                    streamed_value
-                    if streamed_value is not None
-                    else self._attention(name, rows, batch, index, captured, teacher[name])
-                )
+                values[name] = streamed.values[name, capability]
             if self.recipe.kl:
                 teacher_logits = teacher["base"].logits[rows]
                 if logit_positions is not None:
@@ -151,25 +150,6 @@ class Objective:
                 total = window[name, capability]
                 terms.append(Term(name, capability, value * (local / total) if total else value * 0))
         return terms
-
-    def _attention(
-        self,
-        name: str,
-        rows: torch.Tensor,
-        batch: Batch,
-        index: TVIndex,
-        captured: CapturedAttention,
-        teacher: TeacherSignals,
-    ) -> torch.Tensor:
-        """Teacher ``name``'s term on ``rows``: the mean over its layers of the per-layer loss (eqs. 12-15, 30-35)."""
-        kind = signal_kind(self.config, name)
-        maps = captured.tv if kind == "tv" else captured.full
-        targets = self._targets(name, rows, teacher)
-        layers = self.layers.student[name]
-        return sum(
-            self._layer_loss(kind, maps[layer][rows], target, index.select(rows), batch.roles.valid[rows])
-            for layer, target in zip(layers, targets, strict=True)
-        ) / len(layers)
 
     def _targets(self, name: str, rows: torch.Tensor, teacher: TeacherSignals) -> list[torch.Tensor]:
         """Teacher targets on ``rows``, one per student layer (sliding teacher-layer groups averaged)."""
@@ -210,6 +190,8 @@ class StreamedTerms:
     A term built after the forward sits after every layer in the autograd graph, so the backward creates the
     gradients of all captured maps at once when it starts (R-fold in a Gramian's vmapped backward). Built here,
     each layer's share sits right after that layer and its map's gradient appears just before the layer's backward.
+    A term is the mean over its layers of the per-layer loss (eqs. 12-15, 30-35); :meth:`feed` builds the same sums
+    from collected maps when the forward could not stream them (gradient checkpointing).
     """
 
     def __init__(
@@ -238,8 +220,11 @@ class StreamedTerms:
                 ) / len(layers)
                 self.values[name, c] = share if (name, c) not in self.values else self.values[name, c] + share
 
-    def get(self, key: tuple[str, str]) -> torch.Tensor | None:
-        return self.values.get(key)
+    def feed(self, captured: CapturedAttention) -> None:
+        """Build the terms from maps collected after the forward, layer by layer as the stream would."""
+        for kind, maps in (("full", captured.full), ("tv", captured.tv)):
+            for layer in sorted(maps):
+                self(layer, kind, maps[layer])
 
 
 def logit_positions(labels: torch.Tensor) -> torch.Tensor:

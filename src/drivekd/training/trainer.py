@@ -99,6 +99,9 @@ class Trainer:
             self.models.student.activation_checkpointing_enable(
                 activation_checkpointing_kwargs={"use_reentrant": False}
             )
+        # Module hooks and map consumers work during the forward; gradient checkpointing replays layers in backward,
+        # which would fire the hooks again and not recompute the maps, so both are off under it.
+        self.layer_hooks = not config.model.gradient_checkpointing
         self.samples = list(samples) if samples is not None else self._read_data()
         self.rank, self.world = dist.rank_and_world()
         self.sharded = config.run.fsdp
@@ -216,12 +219,11 @@ class Trainer:
             self.engine.tap(self._owners(batch)) if tap else nullcontext() as tapped,
             AttentionRecorder(self.models.student, self.plan, grad=True) as recorder,
         ):
-            # Attention terms built layer by layer as the forward runs (see StreamedTerms), except under
-            # gradient checkpointing, whose layer replays do not recompute the maps.
+            # Attention terms built layer by layer as the forward runs (see StreamedTerms).
             streamed = (
-                None
-                if self.config.model.gradient_checkpointing or not self.recipe.teachers
-                else self.objective.stream(batch, index, teacher)
+                self.objective.stream(batch, index, teacher)
+                if self.layer_hooks and self.recipe.teachers
+                else None
             )
             recorder.start(index if self.plan.tv_layers else None, consumer=streamed)
             with torch.autocast(
@@ -260,11 +262,8 @@ class Trainer:
         return {"nonfinite": False, "terms": terms, "stats": stats, "norms": norms, "gramian_rows": rows}
 
     def _owners(self, batch: Batch) -> TokenOwners | None:
-        """Each batch row's capability, so the engine can split gradients by capability (module taps).
-
-        None under gradient checkpointing: recomputed layers would fire the module hooks a second time.
-        """
-        if self.config.model.gradient_checkpointing:
+        """Each batch row's capability, so the engine can split gradients by capability (module taps)."""
+        if not self.layer_hooks:
             return None
         order = self.config.capabilities
         rows = [order.index(c) for c in batch.capabilities]
