@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.drivekd-installed
 
-.PHONY: install test lint demo demo-quick bench-capture bench-capture-quick clean
+.PHONY: install java test lint demo demo-quick bench-capture bench-capture-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# The DriveLM language metrics (pycocoevalcap's PTB tokenizer) need Java; installed here when missing and root.
+java:
+	@command -v java >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && apt-get install -y -qq default-jre-headless; } || { echo "Java is missing: apt-get install -y default-jre-headless (the DriveLM language metrics need it)"; exit 1; }
+
+test: $(STAMP) java
 	$(VENV)/bin/ruff check src tests
 	$(PY) -m pytest -q
 

@@ -63,14 +63,15 @@ def test_generate_score_report(tmp_path):
     with JudgeServer(offline_responder(samples)) as server:
         args = ["eval", "score", str(split.path), "--predictions", str(preds), "--out", str(out)]
         args += ["--judge-base-url", server.base_url, "--judge-model", "grader", "--runs", "2"]
-        args += ["--cache", str(tmp_path / "cache.sqlite"), "--drivelm-metrics", "--no-progress"]
+        args += ["--cache", str(tmp_path / "cache.sqlite"), "--no-progress"]
         result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["model"] == "tiny-student" and report["samples"] == len(samples)
     assert len(report["missing_predictions"]) == len(samples) - 6  # listed and scored 0
     assert report["judge"]["runs"] == 2 and report["judge"]["counts"]["missing_predictions"] > 0
-    assert {"strict", "drivebench"} == set(report["mcq"]) and "drivelm" in report
+    assert {"strict", "drivebench"} == set(report["mcq"])
+    assert report["judge"]["provenance"]["rubrics"]["source"] == "drivekd"
     assert f"{len(samples) - 6} samples have no prediction" in result.output
 
     result = runner.invoke(app, ["eval", "report", str(out), "--out-dir", str(tmp_path / "report")])

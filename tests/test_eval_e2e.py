@@ -15,6 +15,7 @@ from drivekd.evaluation.generate import generate_hf
 from drivekd.evaluation.inputs import load_samples
 from drivekd.evaluation.judge import JudgeConfig
 from drivekd.evaluation.predictions import PredictionWriter, read_predictions
+from drivekd.evaluation.rubrics import drivebench_tags
 from drivekd.evaluation.server import JudgeServer, offline_responder
 from drivekd.models.pair import build_tiny_pair
 
@@ -66,7 +67,7 @@ def test_drivelm_sample_end_to_end(shared_drivelm, tmp_path):
             base_url=server.base_url, model="grader", runs=2, cache_path=tmp_path / "cache.sqlite"
         )
         reports = {
-            name: score(samples, predictions, model=name, judge=config, drivelm=True, progress=False)
+            name: score(samples, predictions, model=name, judge=config, progress=False)
             for name, predictions in (("tiny", tiny), ("oracle", oracle))
         }
         assert server.requests == 2 * 2 * reports["tiny"]["judge"]["counts"]["judged_samples"]
@@ -77,7 +78,8 @@ def test_drivelm_sample_end_to_end(shared_drivelm, tmp_path):
             assert report["mcq"][mode]["overall"]["total"] == len(mcq)
         judge = report["judge"]
         judged = judge["counts"]["judged_samples"]
-        assert judged == sum(s.meta["drivebench_tag"] != 0 or s.task != "prediction" for s in samples)
+        assert judged == sum(s.task != "prediction" or 0 not in drivebench_tags(s) for s in samples)
+        assert report["not_judged"]["count"] == len(samples) - judged
         assert (judge["counts"]["gradings"], judge["counts"]["ok"]) == (2 * judged, 2 * judged)
         assert judge["failures"] == [] and set(judge["per_capability"]) == {
             "perception",
@@ -96,4 +98,3 @@ def test_drivelm_sample_end_to_end(shared_drivelm, tmp_path):
     not_a = sum(s.answer != "A" for s in mcq)
     assert upstream["correct"] == len(mcq) - not_a  # every non-A answer is read as A by the upstream rule
     assert reports["oracle"]["judge"]["overall"]["mean"] > reports["tiny"]["judge"]["overall"]["mean"]
-    assert reports["oracle"]["drivelm"]["rouge_l"] == pytest.approx(100.0)

@@ -1,4 +1,4 @@
-"""Table-1/2 outputs (markdown, CSV, JSON), the bar chart, and the DriveLM metrics."""
+"""Table-1/2 outputs (markdown, CSV, JSON) and the bar chart."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import json
 import pytest
 from PIL import Image
 
-from drivekd.data.schema import Sample
-from drivekd.evaluation.drivelm_metrics import accuracy, bleu, drivelm_metrics, rouge_l
 from drivekd.evaluation.report import table1_rows, write_report
-from drivekd.evaluation.scoring import EvalItem
 
 
 def _report(model: str, base: float, correlation: float | None) -> dict:
@@ -67,41 +64,3 @@ def test_write_report(tmp_path):
     assert json.loads(files["json"].read_text())["table1"] == table1_rows(reports, BENCH)
     with Image.open(files["chart"]) as chart:
         assert chart.format == "PNG" and chart.size[0] > 300
-
-
-def _item(kind: str, answer: str, prediction: str | None) -> EvalItem:
-    sample = Sample(
-        id=f"{kind}-{answer}",
-        images=[{"camera": "CAM_FRONT", "path": "x.jpg"}],
-        question="Q?",
-        capability="planning",
-        task="planning",
-        kind=kind,
-        options={"A": "x", "B": "y"} if kind == "mcq" else None,
-        answer=answer,
-    )
-    return EvalItem(sample, prediction, None)
-
-
-def _lcs(a: list[str], b: list[str]) -> int:
-    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-    for i, x in enumerate(a):
-        for j, y in enumerate(b):
-            table[i + 1][j + 1] = table[i][j] + 1 if x == y else max(table[i][j + 1], table[i + 1][j])
-    return table[-1][-1]
-
-
-def test_drivelm_metrics():
-    assert accuracy([("B", "B"), ("B ", "B"), ("b", "B"), ("Yes.", "Yes.")]) == 50.0  # raw equality
-    pairs = [
-        ("keep going at the same speed", "keep going at the same speed"),
-        ("stop now", "brake to a stop"),
-    ]
-    lcs = _lcs(["stop", "now"], ["brake", "to", "a", "stop"])
-    precision, recall = lcs / 2, lcs / 4
-    naive = (1.0 + 2 * precision * recall / (precision + recall)) / 2
-    assert rouge_l(pairs) == pytest.approx(100 * naive)
-    assert bleu([("keep going at the same speed", "keep going at the same speed")]) == pytest.approx(100.0)
-    out = drivelm_metrics([_item("mcq", "A", "A"), _item("mcq", "B", None), _item("open", "stop", "stop")])
-    assert (out["accuracy"], out["accuracy_questions"], out["open_questions"]) == (50.0, 2, 1)
-    assert out["rouge_l"] == pytest.approx(100.0)

@@ -1,4 +1,5 @@
-"""Command-line glue: ``drivekd eval generate|score|report``, ``drivekd judge serve`` and ``drivekd bench inference``.
+"""Command-line glue: ``drivekd eval generate|score|drivelm|report``, ``drivekd judge serve`` and ``drivekd bench
+inference``.
 
 ``eval_app`` and ``judge_app`` are typer apps to mount under ``drivekd``; :func:`bench_inference_cmd` is a command
 for the ``bench`` group.
@@ -34,6 +35,16 @@ ImageRoot = Annotated[
     ),
 ]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Do not draw progress bars.")]
+JudgeConfigFile = Annotated[Path | None, typer.Option(help="Judge settings (YAML/JSON), no API key.")]
+JudgeBaseUrl = Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (.../v1).")]
+JudgeModel = Annotated[str | None, typer.Option(help="Judge model name.")]
+JudgeKeyEnv = Annotated[
+    str | None, typer.Option(help="Environment variable holding the key (default OPENAI_API_KEY).")
+]
+Concurrency = Annotated[int | None, typer.Option(help="Concurrent judge calls (default 8).")]
+Timeout = Annotated[float | None, typer.Option(help="Seconds per judge call (default 120).")]
+MaxRetries = Annotated[int | None, typer.Option(help="Retries on 429/5xx/timeouts (default 5).")]
+Cache = Annotated[Path | None, typer.Option(help="Judge cache (default runs/judge-cache.sqlite).")]
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -145,33 +156,54 @@ def score_cmd(
     judge: Annotated[
         bool, typer.Option("--judge/--no-judge", help="Grade with the LLM judge when configured.")
     ] = True,
-    judge_config: Annotated[Path | None, typer.Option(help="Judge settings (YAML/JSON), no API key.")] = None,
-    judge_base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (.../v1).")] = None,
-    judge_model: Annotated[str | None, typer.Option(help="Judge model name.")] = None,
-    judge_api_key_env: Annotated[
-        str | None, typer.Option(help="Environment variable holding the key (default OPENAI_API_KEY).")
+    judge_protocol: Annotated[
+        str,
+        typer.Option(
+            help="drivekd (our rubrics, 5 runs, mean and std) or drivebench (DriveBench's own rubric prompts "
+            "from --judge-prompts, temperature 0, the first 'Total Score:' read, 1 run)."
+        ),
+    ] = "drivekd",
+    judge_prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your DriveBench checkout (evaluate/prompts.py, read as data) or a YAML file of prompts."
+        ),
     ] = None,
-    runs: Annotated[int | None, typer.Option(help="Judge runs per sample (default 5).")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Concurrent judge calls (default 8).")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Seconds per judge call (default 120).")] = None,
-    max_retries: Annotated[int | None, typer.Option(help="Retries on 429/5xx/timeouts (default 5).")] = None,
-    cache: Annotated[Path | None, typer.Option(help="Judge cache (default runs/judge-cache.sqlite).")] = None,
+    judge_config: JudgeConfigFile = None,
+    judge_base_url: JudgeBaseUrl = None,
+    judge_model: JudgeModel = None,
+    judge_api_key_env: JudgeKeyEnv = None,
+    runs: Annotated[int | None, typer.Option(help="Judge runs per sample (default 5; drivebench 1).")] = None,
+    concurrency: Concurrency = None,
+    timeout: Timeout = None,
+    max_retries: MaxRetries = None,
+    cache: Cache = None,
     temperature: Annotated[
-        float | None, typer.Option(help="Judge temperature (default: the endpoint's).")
+        float | None, typer.Option(help="Judge temperature (drivekd protocol; default: the endpoint's).")
     ] = None,
     retry_unparsed: Annotated[
         bool, typer.Option(help="Ask again where the cache holds an unparsed reply.")
     ] = False,
-    drivelm_metrics: Annotated[bool, typer.Option(help="Add DriveLM accuracy, ROUGE-L and BLEU.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Score predictions: MCQ accuracy (strict and DriveBench rule), yes/no accuracy, the LLM judge over N runs
-    (mean and std per task and capability), the reasoning-planning correlation, optionally DriveLM metrics."""
+    (mean and std per task and capability) with the provenance of every grade, and the reasoning-planning
+    correlation."""
     from drivekd.evaluation.evaluate import score
     from drivekd.evaluation.inputs import load_samples
     from drivekd.evaluation.predictions import read_predictions
+    from drivekd.evaluation.prompts import read_drivebench_prompts
     from drivekd.evaluation.scoring import embedded_predictions
 
+    if judge_protocol not in ("drivekd", "drivebench"):
+        raise _fail(ValueError(f"--judge-protocol must be drivekd or drivebench, got {judge_protocol!r}"))
+    if (judge_protocol == "drivebench") != (judge_prompts is not None):
+        raise _fail(
+            ValueError(
+                "--judge-protocol drivebench needs --judge-prompts (your DriveBench checkout or a YAML file), "
+                "and --judge-prompts is only read by that protocol"
+            )
+        )
     options = {
         "base_url": judge_base_url,
         "model": judge_model,
@@ -183,8 +215,10 @@ def score_cmd(
         "cache_path": cache,
         "temperature": temperature,
         "retry_unparsed": retry_unparsed or None,
+        "protocol": judge_protocol,
     }
     try:
+        prompts = read_drivebench_prompts(judge_prompts) if judge_prompts is not None else None
         samples, _ = load_samples(samples_path, image_root=image_root, check_files=False)
         if predictions is not None:
             records = read_predictions(predictions)
@@ -202,18 +236,112 @@ def score_cmd(
             texts,
             model=model_name or samples_path.stem,
             judge=config,
-            drivelm=drivelm_metrics,
+            prompts=prompts,
             progress=not no_progress,
         )
     except DriveKDError as err:
         raise _fail(err) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    _write_json(out, report)
     _print_summary(report)
     if report["missing_predictions"]:
         console.print(
             f"[yellow]{len(report['missing_predictions'])} samples have no prediction (scored 0)[/yellow]"
         )
+    not_judged = report["not_judged"]
+    console.print(f"not judged: {not_judged['count']} ({not_judged['reason']})")
+    console.print(f"wrote {out}")
+
+
+def _write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "null" if value is None else f"{value:.{digits}f}"
+
+
+@eval_app.command("drivelm")
+def drivelm_cmd(
+    predictions: Annotated[
+        Path, typer.Argument(help="Challenge predictions [{id, question, answer}] (.json) or our JSONL.")
+    ],
+    test: Annotated[
+        Path, typer.Option("--test", help="The challenge test file (test.json / test_eval.json).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Score report (JSON).")],
+    judge: Annotated[
+        bool,
+        typer.Option("--judge/--no-judge", help="GPT score (tags 1 and 3) with the judge when configured."),
+    ] = True,
+    judge_prompts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Your DriveLM checkout (challenge/gpt_eval.py, read as data) or a YAML prompt file."
+        ),
+    ] = None,
+    judge_config: JudgeConfigFile = None,
+    judge_base_url: JudgeBaseUrl = None,
+    judge_model: JudgeModel = None,
+    judge_api_key_env: JudgeKeyEnv = None,
+    runs: Annotated[int | None, typer.Option(help="GPT runs per question (default 1, as upstream).")] = None,
+    concurrency: Concurrency = None,
+    timeout: Timeout = None,
+    max_retries: MaxRetries = None,
+    cache: Cache = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """The DriveLM challenge's scores (challenge/evaluation.py): accuracy (tag 0), GPT score (tag 1), language
+    metrics (tag 2: BLEU-1..4, ROUGE-L, CIDEr; needs Java), match (tag 3), after the graph filter, and the final
+    score with the challenge's weights."""
+    from drivekd.evaluation.drivelm_challenge import read_challenge_predictions, read_test, score_drivelm
+    from drivekd.evaluation.prompts import read_drivelm_prompt
+
+    try:
+        questions = read_test(test)
+        answers = read_challenge_predictions(predictions, questions)
+        config = prompt = None
+        if judge:
+            prompt = read_drivelm_prompt(judge_prompts) if judge_prompts is not None else None
+            options = {
+                "base_url": judge_base_url,
+                "model": judge_model,
+                "api_key_env": judge_api_key_env,
+                "runs": runs,
+                "concurrency": concurrency,
+                "timeout_s": timeout,
+                "max_retries": max_retries,
+                "cache_path": cache,
+                "protocol": "drivelm",
+                "temperature": prompt.temperature if prompt else None,
+                "max_tokens": prompt.max_tokens if prompt else None,
+            }
+            config = _judge_config(options, judge_config)
+            if config is None:
+                console.print(
+                    "no judge configured (--judge-base-url, --judge-config or DRIVEKD_JUDGE_BASE_URL)"
+                )
+            elif prompt is None:
+                raise DriveKDError(
+                    "the GPT score needs the challenge's prompt: pass --judge-prompts (your DriveLM checkout or "
+                    "a YAML file), or --no-judge"
+                )
+        report = score_drivelm(questions, answers, judge=config, prompt=prompt, progress=not no_progress)
+    except DriveKDError as err:
+        raise _fail(err) from None
+    _write_json(out, report)
+    language = report["language"] or {}
+    judged = "judge" if report["judged"]["chatgpt"] else "not judged"
+    console.print(
+        f"accuracy {_fmt(report['accuracy'])} | chatgpt {_fmt(report['chatgpt'], 2)} ({judged}) | "
+        f"match {_fmt(report['match'], 2)} (F1 {_fmt(report['match_f1'], 2)}, GPT half {judged}) | "
+        + " ".join(f"{k} {_fmt(v)}" for k, v in language.items())
+        + f" | final {_fmt(report['final_score'])}"
+    )
+    console.print(
+        f"{report['counted_questions']} of {report['questions']} questions counted after the graph filter; "
+        f"{len(report['missing_predictions'])} without a prediction (scored as wrong / 0)"
+    )
     console.print(f"wrote {out}")
 
 

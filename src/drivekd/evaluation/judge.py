@@ -1,10 +1,15 @@
 """An LLM judge behind any OpenAI-compatible chat-completions endpoint, run N times with a disk cache.
 
-Each (sample, run) is one grading: the rubric prompt is sent, the reply's "Total Score: N" line is read, and a
-reply without one is re-asked once; still without a total it is recorded as "unparsed". Calls run concurrently up
-to a limit, time out, and are retried with exponential backoff on 429, 5xx, timeouts and connection errors; other
-errors fail at once. A failed grading is recorded as "failed" with its error. Replies are cached by judge model,
-prompt hash and run index (:mod:`drivekd.evaluation.cache`), so a rerun only pays for what is missing.
+Each (sample, run) is one grading: the prompt is sent and the score read from the reply as the judge protocol
+says. ``drivekd`` (the default: our rubrics, 5 runs, the endpoint's own sampling unless a temperature is given)
+reads the last "Total Score: N" and re-asks once when there is none; ``drivebench`` (DriveBench's
+``evaluate/request.py``) sends temperature 0 and reads the first "Total Score: N" (up to 3 digits), and
+``drivelm`` (the DriveLM challenge's ``gpt_eval.py``) sends temperature 0.6 and reads the whole reply as a bare
+number; neither re-asks. A reply without a score is recorded as "unparsed". Calls run concurrently up to a limit,
+time out, and are retried with exponential backoff on 429, 5xx, timeouts and connection errors; other errors fail
+at once. A failed grading is recorded as "failed" with its error. Replies are cached under a key of every setting
+that shapes a grade (:mod:`drivekd.evaluation.cache`), so a rerun only pays for what is missing, and a cache that
+holds grades of the same prompts made under other settings is refused rather than mixed.
 
 The API key is read from the environment variable named in the config; it is never stored, logged or written.
 """
@@ -15,6 +20,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -26,18 +32,26 @@ from urllib.parse import urlparse
 
 import openai
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from drivekd.errors import DriveKDError
-from drivekd.evaluation.cache import CachedReply, JudgeCache, prompt_hash
+from drivekd.evaluation.cache import CachedReply, JudgeCache, content_hash, prompt_hash
 from drivekd.evaluation.progress import progress_bar
 from drivekd.evaluation.rubrics import REASK
 
 log = logging.getLogger(__name__)
 Status = Literal["ok", "unparsed", "failed"]
+Protocol = Literal["drivekd", "drivebench", "drivelm"]
+PROTOCOLS: tuple[str, ...] = ("drivekd", "drivebench", "drivelm")
+# What an upstream protocol fixes (its evaluator's request settings); runs default to its single pass.
+_PROTOCOL_SETTINGS: dict[str, dict[str, Any]] = {
+    "drivebench": {"temperature": 0.0, "max_tokens": 3000, "runs": 1},
+    "drivelm": {"temperature": 0.6, "max_tokens": 3000, "runs": 1},
+}
 ENV_BASE_URL = "DRIVEKD_JUDGE_BASE_URL"
 ENV_MODEL = "DRIVEKD_JUDGE_MODEL"
 _TOTAL = re.compile(r"total\s*score\s*[*_]*\s*[:=]?\s*[*_]*\s*(\d+(?:\.\d+)?)", re.IGNORECASE)
+_FIRST_TOTAL = re.compile(r"Total Score:\s*(\d{1,3})\b")
 
 
 class JudgeConfig(BaseModel):
@@ -58,6 +72,22 @@ class JudgeConfig(BaseModel):
     temperature: float | None = None  # None: the endpoint's default sampling, as the N runs are meant to vary
     max_tokens: int = Field(1024, ge=1)
     retry_unparsed: bool = False
+    protocol: Protocol = "drivekd"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_settings(cls, data: Any) -> Any:
+        """An upstream protocol's temperature and token limit, and its single run unless more are asked for."""
+        fixed = _PROTOCOL_SETTINGS.get(data.get("protocol", "drivekd")) if isinstance(data, dict) else None
+        if fixed is None:
+            return data
+        wanted = data.get("temperature")
+        if wanted is not None and float(wanted) != fixed["temperature"]:
+            raise ValueError(
+                f"the {data['protocol']} protocol judges at temperature {fixed['temperature']} as upstream does; "
+                f"drop the temperature {wanted} (or use the drivekd protocol)"
+            )
+        return {**fixed, **{k: v for k, v in data.items() if v is not None}}
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> JudgeConfig:
@@ -81,15 +111,21 @@ class JudgeConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as err:
             first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"])
+            field = ".".join(str(p) for p in first["loc"]) or "protocol"
             raise DriveKDError(
-                f"judge config: {field}: {first['msg']} (set it in the config file, with "
+                f"judge config: {field}: {first['msg'].removeprefix('Value error, ')} (set it in the config file, with "
                 f"{ENV_BASE_URL}/{ENV_MODEL}, or on the command line)"
             ) from None
 
     def settings(self) -> dict[str, Any]:
-        """The sampling settings that, with the messages, make up the prompt hash."""
-        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        """Everything besides the messages that shapes a grade: with them it makes up the cache key."""
+        return {
+            "protocol": self.protocol,
+            "endpoint": self.base_url,
+            "model": self.model,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
 
     def is_local(self) -> bool:
         host = urlparse(self.base_url).hostname or ""
@@ -120,6 +156,24 @@ def parse_total(reply: str | None) -> float | None:
         return None
     value = float(found[-1])
     return value if 0.0 <= value <= 100.0 else None
+
+
+def parse_first_total(reply: str | None) -> float | None:
+    """DriveBench's reading: the first "Total Score: N" with N of 1 to 3 digits, else ``None``."""
+    found = _FIRST_TOTAL.search(reply or "")
+    return float(found.group(1)) if found else None
+
+
+def parse_number(reply: str | None) -> float | None:
+    """The DriveLM challenge's reading: the whole reply as one number (``float(reply)``), else ``None``."""
+    try:
+        value = float((reply or "").strip())
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+PARSERS = {"drivekd": parse_total, "drivebench": parse_first_total, "drivelm": parse_number}
 
 
 @dataclass(frozen=True)
@@ -223,20 +277,21 @@ class Judge:
 
     async def _grade(self, task: JudgeTask, run: int) -> JudgeResult:
         cfg = self.config
+        parse = PARSERS[cfg.protocol]
         digest = prompt_hash(task.messages, cfg.settings())
-        cached = self.cache.get(cfg.model, digest, run) if self.cache is not None else None
+        cached = self.cache.get(digest, run) if self.cache is not None else None
         if cached and not (cached.status == "unparsed" and cfg.retry_unparsed):
             hit: Status = "ok" if cached.status == "ok" else "unparsed"
-            error = None if hit == "ok" else "no total in the cached reply"
+            error = None if hit == "ok" else "no score in the cached reply"
             return JudgeResult(task.sample_id, run, hit, cached.score, error, cached=True)
         replies: list[_Reply] = []
         try:
             replies.append(await self._call(task.messages))
-            score = parse_total(replies[0].text)
-            if score is None:
+            score = parse(replies[0].text)
+            if score is None and cfg.protocol == "drivekd":
                 follow_up = [*task.messages, {"role": "assistant", "content": replies[0].text}]
                 replies.append(await self._call([*follow_up, {"role": "user", "content": REASK}]))
-                score = parse_total(replies[-1].text)
+                score = parse(replies[-1].text)
         except JudgeCallError as err:
             log.warning("judge call for %s (run %d) failed: %s", task.sample_id, run, err)
             error: str | None = str(err)
@@ -244,7 +299,7 @@ class Judge:
             score, calls = None, err.calls
         else:
             status = "ok" if score is not None else "unparsed"
-            error = None if score is not None else f"no total in the reply: {replies[-1].text[:200]!r}"
+            error = None if score is not None else f"no score in the reply: {replies[-1].text[:200]!r}"
             calls = 0
         prompt_tokens = sum(r.prompt_tokens for r in replies)
         completion_tokens = sum(r.completion_tokens for r in replies)
@@ -252,7 +307,7 @@ class Judge:
         if self.cache is not None and status != "failed":
             reply = "\n-----\n".join(r.text for r in replies)
             entry = CachedReply(status, reply, score, prompt_tokens, completion_tokens, calls)
-            self.cache.put(cfg.model, digest, run, entry)
+            self.cache.put(digest, run, entry, content=content_hash(task.messages), settings=cfg.settings())
         return JudgeResult(task.sample_id, run, status, score, error, prompt_tokens, completion_tokens, calls)
 
     async def grade_all(self, tasks: Sequence[JudgeTask], *, progress: bool = True) -> list[JudgeResult]:
@@ -270,6 +325,10 @@ class Judge:
                 return result
 
             try:
+                if self.cache is not None:
+                    self.cache.refuse_mixing(
+                        [content_hash(t.messages) for t in tasks], self.config.settings()
+                    )
                 return list(await asyncio.gather(*(one(task, run) for task, run in jobs)))
             finally:
                 await self.client.close()

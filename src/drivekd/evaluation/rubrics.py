@@ -5,9 +5,10 @@ own. A prompt has fenced sections (question, ground truth, object descriptions, 
 machine-readable line ``[drivekd-item] {"id": ..., "rubric": ...}``, so the local grader behind
 ``drivekd judge serve`` can find the sample and grade the same request a hosted judge would see.
 
-Which rubric judges a sample: a sample that carries an upstream DriveBench tag (``meta["drivebench_tag"]``) is
-judged as DriveBench judges that tag (perception 0 -> perception MCQ, 2 -> perception VQA; prediction 3 ->
-prediction VQA, 0 -> not judged; planning 1 -> planning VQA; behavior 0 -> behavior MCQ). Otherwise task and kind
+Which rubric judges a sample: a sample that carries an upstream DriveBench tag (``meta["drivebench_tag"]``, a list
+as released) is judged as DriveBench's ``evaluate/eval.py`` routes it (perception: 2 -> perception VQA, else 0 ->
+perception MCQ; prediction: 3 -> prediction VQA, else 0 -> not judged; planning 1 -> planning VQA; behavior 0 ->
+behavior MCQ). Otherwise task and kind
 decide: yes/no questions are not judged (DriveBench does not judge its yes/no questions; they get a yes/no
 accuracy instead), perception MCQ / open -> perception MCQ / VQA, prediction -> prediction VQA, planning ->
 planning VQA (an MCQ's letter is its action), behavior -> behavior MCQ.
@@ -202,23 +203,32 @@ RUBRICS: dict[str, Rubric] = {
     )
 }
 
-# Upstream DriveBench (task, tag) -> rubric; None = not judged.
-_TAG_RUBRIC: dict[tuple[str, int], str | None] = {
-    ("perception", 0): "perception_mcq",
-    ("perception", 2): "perception_vqa",
-    ("prediction", 3): "prediction_vqa",
-    ("prediction", 0): None,
-    ("planning", 1): "planning_vqa",
-    ("behavior", 0): "behavior_mcq",
+# Upstream DriveBench routing (evaluate/eval.py): per task, the first tag present decides; None = not judged.
+_TAG_RUBRIC: dict[str, tuple[tuple[int, str | None], ...]] = {
+    "perception": ((2, "perception_vqa"), (0, "perception_mcq")),
+    "prediction": ((3, "prediction_vqa"), (0, None)),
+    "planning": ((1, "planning_vqa"),),
+    "behavior": ((0, "behavior_mcq"),),
 }
 _TASK_RUBRIC = {"prediction": "prediction_vqa", "planning": "planning_vqa", "behavior": "behavior_mcq"}
+NOT_JUDGED_REASON = "prediction yes/no, as upstream"
+
+
+def drivebench_tags(sample: Sample) -> list[int] | None:
+    """The upstream DriveBench tag of a sample as a list (the release writes ``[0]``; a bare int is accepted)."""
+    tag = sample.meta.get("drivebench_tag")
+    if tag is None:
+        return None
+    return [int(t) for t in tag] if isinstance(tag, list | tuple) else [int(tag)]
 
 
 def rubric_for(sample: Sample) -> str | None:
     """The rubric that judges ``sample``, or ``None`` when it is not judged (see the module docstring)."""
-    tag = sample.meta.get("drivebench_tag")
-    if (sample.task, tag) in _TAG_RUBRIC:
-        return _TAG_RUBRIC[sample.task, tag]
+    tags = drivebench_tags(sample)
+    if tags is not None:
+        for tag, rubric in _TAG_RUBRIC.get(sample.task, ()):
+            if tag in tags:
+                return rubric
     if sample.kind == "yes/no":
         return None
     if sample.task == "perception":
@@ -247,6 +257,30 @@ def describe_objects(sample: Sample) -> str:
             f"{obj['motion']}, {where}"
         )
     return "\n".join(lines) if lines else "Not available."
+
+
+_FIRST_TAG = re.compile(r"<(.*)>")
+
+
+def visual_description(sample: Sample, fixed: dict[str, str] | None = None) -> str | None:
+    """The ground-truth description DriveBench gives its judge: the object whose ``<cK,CAM`` prefix matches the
+    question's tag, lower-cased (from ``meta["object_infos"]``); ``None`` when the question names no object.
+
+    As upstream, the tag is the question's outermost ``<...>`` span and the first object whose key starts with its
+    first two fields is taken; a question in ``fixed`` gets that sentence instead. Raises ``KeyError`` naming the
+    prefix when no object matches (upstream raises too).
+    """
+    if fixed and sample.question in fixed:
+        return fixed[sample.question]
+    found = _FIRST_TAG.search(sample.question)
+    if found is None:
+        return None
+    prefix = "<" + ",".join(found.group(1).split(",")[:2])
+    infos = sample.meta.get("object_infos") or {}
+    key = next((k for k in infos if k.startswith(prefix)), None)
+    if key is None:
+        raise KeyError(prefix)
+    return str(infos[key].get("Visual_description", "")).lower()
 
 
 SYSTEM_PROMPT = (

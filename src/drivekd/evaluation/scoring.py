@@ -10,14 +10,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from drivekd.data.schema import Sample
+from drivekd.errors import DataError
 from drivekd.evaluation.choices import ChoiceMode, extract_choice, extract_yes_no
 from drivekd.evaluation.judge import JudgeTask
+from drivekd.evaluation.prompts import DriveBenchPrompts
 from drivekd.evaluation.rubrics import (
     RUBRICS,
     build_judge_messages,
     describe_objects,
     ground_truth_text,
     rubric_for,
+    visual_description,
 )
 
 OVERALL = "overall"
@@ -49,23 +52,62 @@ def join(samples: Iterable[Sample], predictions: Mapping[str, str]) -> tuple[lis
     return items, sorted(set(predictions) - known)
 
 
-def judge_tasks(items: Iterable[EvalItem]) -> list[JudgeTask]:
-    """One judge task per judged item that has a prediction (missing ones are scored 0 without a call)."""
+def judge_tasks(items: Iterable[EvalItem], prompts: DriveBenchPrompts | None = None) -> list[JudgeTask]:
+    """One judge task per judged item that has a prediction (missing ones are scored 0 without a call).
+
+    Without ``prompts`` the messages are our rubric prompts; with them, DriveBench's own (:func:`drivebench_messages`).
+    """
     tasks = []
     for item in items:
         if item.rubric is None or item.prediction is None:
             continue
         s = item.sample
-        messages = build_judge_messages(
-            RUBRICS[item.rubric],
-            sample_id=s.id,
-            question=s.question,
-            ground_truth=ground_truth_text(s),
-            objects=describe_objects(s),
-            prediction=item.prediction,
-        )
+        if prompts is not None:
+            messages = drivebench_messages(s, item.rubric, item.prediction, prompts)
+        else:
+            messages = build_judge_messages(
+                RUBRICS[item.rubric],
+                sample_id=s.id,
+                question=s.question,
+                ground_truth=ground_truth_text(s),
+                objects=describe_objects(s),
+                prediction=item.prediction,
+            )
         tasks.append(JudgeTask(s.id, item.rubric, messages))
     return tasks
+
+
+def drivebench_messages(
+    sample: Sample, rubric: str, prediction: str, prompts: DriveBenchPrompts
+) -> list[dict[str, str]]:
+    """The request DriveBench's evaluator sends: one user message, its system text and the filled template
+    (question, ground-truth answer, prediction and, where the question names an object, its visual description)."""
+    try:
+        desc = visual_description(sample, prompts.fixed_descriptions)
+    except KeyError as err:
+        raise DataError(
+            f"sample {sample.id}",
+            None,
+            "meta.object_infos",
+            f"no visual description for the object {err.args[0]}...>",
+            hint="import the DriveBench file with --visual-descriptions (its visual_description.json)",
+        ) from None
+    values = {"GT": sample.answer, "PRED": prediction, "QUESTION": sample.question}
+    if desc:
+        values["DESC"] = desc
+    try:
+        text = prompts.templates[rubric].format(**values)
+    except (KeyError, IndexError, ValueError) as err:
+        need = "a visual description (import with --visual-descriptions)" if "DESC" in str(err) else str(err)
+        raise DataError(
+            prompts.path,
+            None,
+            rubric,
+            f"the template cannot be filled for sample {sample.id}: it needs {need}",
+            hint="check the --judge-prompts file",
+        ) from None
+    content = "\n".join(part for part in (prompts.system, text) if part)
+    return [{"role": "user", "content": content}]
 
 
 def _accuracy(rows: list[tuple[str, str | None, str, bool]]) -> dict[str, Any]:

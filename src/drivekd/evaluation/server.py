@@ -4,11 +4,15 @@ Tests and the demo grade through the real HTTP judge path (client, retries, cach
 A request must carry a Drive-KD judge prompt (see :mod:`drivekd.evaluation.rubrics`); the reply lists the points of
 each criterion and a "Total Score: N" line computed by :mod:`drivekd.evaluation.offline` — from the structured
 ground truth when the server was given the samples file and the sample has it, else with the simple grader from
-the prompt's own ground-truth section. Token counts in ``usage`` are whitespace-separated words.
+the prompt's own ground-truth section. A prompt of another protocol (DriveBench's or the DriveLM challenge's own
+text, which the grader cannot read) gets a reply in the shape it asks for — "Total Score: N" when the prompt names
+that line, else the bare number N — with N a deterministic function of the prompt (:func:`format_check_score`):
+a check of the request and parsing path, not a grade. Token counts in ``usage`` are whitespace-separated words.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -29,14 +33,30 @@ DEFAULT_MODEL = "drivekd-offline-grader"
 Responder = Callable[[dict[str, Any]], tuple[int, str]]
 
 
+def format_check_score(text: str) -> int:
+    """0..100 from the SHA-256 of ``text``: what the server answers to a prompt it cannot grade."""
+    return int(hashlib.sha256(text.encode("utf-8")).hexdigest(), 16) % 101
+
+
+def _foreign_reply(messages: list[dict[str, Any]]) -> tuple[int, str]:
+    text = "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str))
+    if not text.strip():
+        return HTTPStatus.BAD_REQUEST, "no prompt text in the messages"
+    score = format_check_score(text)
+    if "Total Score" in text:
+        return HTTPStatus.OK, f"Total Score: {score}\nFormat check by the Drive-KD offline server (not a grade)."
+    return HTTPStatus.OK, str(score)
+
+
 def offline_responder(samples: Iterable[Sample] = ()) -> Responder:
     """Grade Drive-KD judge prompts with the offline grader; ``samples`` supply structured ground truth."""
     by_id = {s.id: s for s in samples}
 
     def respond(body: dict[str, Any]) -> tuple[int, str]:
-        request = parse_judge_request(body.get("messages") or [])
+        messages = body.get("messages") or []
+        request = parse_judge_request(messages)
         if request is None:
-            return HTTPStatus.BAD_REQUEST, "no Drive-KD grading item ([drivekd-item] line) in the messages"
+            return _foreign_reply(messages)
         sample = by_id.get(request.sample_id)
         if sample is not None:
             facts = facts_for(sample, request.prediction)
