@@ -12,6 +12,9 @@ of the losses w.r.t. the trainable parameters. How:
   block comes from its output gradient summed per used token, the LM head's from the Gram identity
   <D_i^T X, D_j^T X> = <D_i, (X X^T) D_j> over the kept logit positions, and their cross terms when tied.
 
+Under gradient checkpointing a layer replays its forward inside that vmapped backward; the replay runs outside vmap
+(:mod:`drivekd.gradients.replay`), so it is the forward's own computation, autocast included.
+
 The vmap rule of the consuming function receives the physical batched tensors, which is what lets a tap see all K
 rows together (the same device torchjd's autogram engine uses for module outputs). Parameters are then updated by one
 ordinary backward of sum_k c_k L_k, during which the taps pass gradients through unchanged.
@@ -34,6 +37,7 @@ from torch import nn
 
 from drivekd.gradients.modules import ModuleCall, hook_modules, module_taps_supported, tapped_modules
 from drivekd.gradients.owners import TokenOwners, split_rows
+from drivekd.gradients.replay import replay_outside_vmap
 from drivekd.gradients.taps import TapState, tap
 from drivekd.gradients.vocab import VocabRecord
 
@@ -127,8 +131,12 @@ class GramianEngine:
 
     @contextmanager
     def tap(self, owners: TokenOwners | None = None) -> Iterator[TappedForward]:
-        """Taps for one forward: module taps when ``owners`` is given and the model allows them, else parameter taps."""
+        """Taps for one forward: module taps when ``owners`` is given and the model allows them, else parameter taps.
+
+        Checkpointed layers of this forward replay outside the Gramian's vmap (:mod:`drivekd.gradients.replay`).
+        """
         with ExitStack() as stack:
+            stack.enter_context(replay_outside_vmap(self.model))
             if owners is not None and self.module_taps:
                 device = next(self.model.parameters()).device
                 sink = torch.zeros((), device=device, requires_grad=True)
