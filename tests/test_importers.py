@@ -31,13 +31,15 @@ def shared_root() -> Path:
 
 @pytest.fixture
 def mini_root(tmp_path: Path) -> Path:
-    """An image root holding (empty) images for every path the hand-made fixtures name."""
+    """An image root holding (empty) images for every path the hand-made fixtures name: DriveLM's re-rooted at
+    nuscenes/, DriveBench's verbatim under data/nuscenes/ (the root of a DriveBench checkout)."""
     root = tmp_path / "images"
-    for camera in ("CAM_FRONT", "CAM_BACK"):
-        for frame in ("frame1", "frame2"):
-            image = root / "nuscenes" / "samples" / camera / f"{frame}.jpg"
-            image.parent.mkdir(parents=True, exist_ok=True)
-            image.touch()
+    for folder in (root / "nuscenes", root / "data" / "nuscenes"):
+        for camera in ("CAM_FRONT", "CAM_BACK"):
+            for frame in ("frame1", "frame2"):
+                image = folder / "samples" / camera / f"{frame}.jpg"
+                image.parent.mkdir(parents=True, exist_ok=True)
+                image.touch()
     return root
 
 
@@ -176,11 +178,12 @@ def test_drivebench_fixture_round_trip(mini_root: Path, tmp_path: Path) -> None:
     result = import_drivebench(FIXTURES / "drivebench_mini.json", mini_root)
     samples = result.samples
     assert [s.kind for s in samples] == ["mcq", "open", "open"]
-    assert samples[0].images[0].path == "nuscenes/samples/CAM_FRONT/frame1.jpg"  # re-rooted at nuscenes/
-    assert samples[1].meta == {"drivebench_tag": 3, "pred": "The hatchback in front."}
+    assert samples[0].images[0].path == "data/nuscenes/samples/CAM_FRONT/frame1.jpg"  # verbatim
+    # The fixture writes bare ints; they are kept as the one-element lists the release writes.
+    assert samples[1].meta == {"drivebench_tag": [3], "pred": "The hatchback in front."}
     assert samples[0].objects == [ObjectTag(id="c1", camera="CAM_FRONT", x=0.5, y=0.5)]
     rows = to_drivebench(samples)
-    assert rows[1]["pred"] == "The hatchback in front." and [r["tag"] for r in rows] == [0, 3, 1]
+    assert rows[1]["pred"] == "The hatchback in front." and [r["tag"] for r in rows] == [[0], [3], [1]]
     again = import_drivebench(_write(tmp_path, rows), mini_root).samples
     _same(samples, again)
     assert again[1].meta == samples[1].meta
@@ -189,7 +192,7 @@ def test_drivebench_fixture_round_trip(mini_root: Path, tmp_path: Path) -> None:
 def test_drivelm_to_drivebench_round_trip(mini_root: Path, tmp_path: Path) -> None:
     samples = import_drivelm(FIXTURES / "drivelm_mini.json", mini_root).samples
     rows = to_drivebench(samples)
-    assert [r["tag"] for r in rows] == [2, 0, 0, 1, 0, 2, 1]
+    assert [r["tag"] for r in rows] == [[2], [0], [0], [1], [0], [2], [1]]
     assert rows[0]["image_path"] == {
         "CAM_FRONT": "nuscenes/samples/CAM_FRONT/frame1.jpg",
         "CAM_BACK": "nuscenes/samples/CAM_BACK/frame1.jpg",

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
-from drivekd.data.cameras import CAMERAS
 from drivekd.data.roles import TokenRoles
 from drivekd.data.schema import Sample
 from drivekd.errors import DataError
@@ -55,9 +54,12 @@ class Batch:
 
 
 def build_messages(sample: Sample, *, system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, Any]]:
-    """Chat messages for a sample: cameras in nuScenes order, each named before its image, then the question."""
+    """Chat messages for a sample: cameras in nuScenes order, each named before its image, then the question.
+
+    A text-only sample gets the question alone (no image parts).
+    """
     content: list[dict[str, Any]] = []
-    for image in sorted(sample.images, key=lambda im: CAMERAS.index(im.camera)):
+    for image in sample.shown_images:
         content.append({"type": "text", "text": f"{image.camera}:\n"})
         content.append({"type": "image"})
     content.append({"type": "text", "text": sample.question})
@@ -141,9 +143,9 @@ class VLMCollator:
     def _encode(self, sample: Sample) -> dict[str, Any]:
         messages = build_messages(sample, system_prompt=self.system_prompt)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        ordered = sorted(sample.images, key=lambda im: CAMERAS.index(im.camera))
-        images = [self._load_image(sample, k, im.resolve(self.image_root)) for k, im in enumerate(ordered)]
-        out = self.processor(text=[prompt], images=[images], return_tensors="pt")
+        shown = sample.shown_images
+        images = [self._load_image(sample, k, im.resolve(self.image_root)) for k, im in enumerate(shown)]
+        out = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
         prompt_ids = out["input_ids"][0]
         extra = {k: v for k, v in out.items() if k in _CONCAT_KEYS}
         mm_types = out.get("mm_token_type_ids")

@@ -1,14 +1,16 @@
-"""What the DriveLM and DriveBench importers share: loading, field checks, images, options, kinds and tags.
+"""What the importers share: loading, field checks, images, options, kinds, tags and object infos.
 
-Both formats carry the same question/answer items in different layouts, so all but walking the layout lives
-here once; each importer only names its own fields, so a :class:`DataError` points into the upstream file.
+DriveLM, DriveBench and the Drive-KD release carry the same question/answer items in different layouts, so all but
+walking the layout lives here once; each importer only names its own fields, so a :class:`DataError` points into
+the upstream file. Images that are not on disk are counted over the whole file before the import stops, so the
+error says how many are missing and which layout the image root should have.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
@@ -17,7 +19,7 @@ from pydantic import ValidationError
 
 from drivekd.data.cameras import CAMERAS, check_camera
 from drivekd.data.schema import OPTION_LETTERS, TASK_TO_CAPABILITY, ImageRef, Kind, Sample, Task
-from drivekd.data.tags import ObjectTag, normalise_tags_in_text, parse_tags
+from drivekd.data.tags import NUSCENES_SIZE, ObjectTag, normalise_tags_in_text, parse_tags
 from drivekd.errors import DataError
 
 OPTIONS_PROMPT = "Please select the correct answer from the following options:"
@@ -50,17 +52,69 @@ class Where:
         return DataError(self.file, self.row, field, message, hint)
 
 
+@dataclass
+class MissingImages(DataError):
+    """A row whose images are not on disk: ``paths`` as resolved, ``stored`` the first as the file writes it."""
+
+    paths: tuple[str, ...] = ()
+    stored: str = ""
+
+
 def collect(items: Iterable[Sample | DataError], *, skip_invalid: bool) -> ImportResult:
-    """Gather an importer's samples; an error is raised unless ``skip_invalid``, which records it instead."""
+    """Gather an importer's samples; an error is raised unless ``skip_invalid``, which records it instead.
+
+    Rows with missing images are all read first, then one error reports them together
+    (:func:`missing_images_error`).
+    """
     result = ImportResult()
+    missing: list[MissingImages] = []
     for item in items:
         if isinstance(item, Sample):
             result.samples.append(item)
         elif skip_invalid:
             result.errors.append(item)
-        else:
+        elif isinstance(item, MissingImages):
+            missing.append(item)
+        elif not missing:
             raise item
+    if missing:
+        raise missing_images_error(missing)
     return result
+
+
+def image_layout(stored: str) -> str:
+    """The folder layout a stored image path asks of the image root, e.g. ``data/nuscenes/samples/<CAMERA>/<image>.jpg``."""
+    path = PurePosixPath(stored)
+    parts = ["<CAMERA>" if part in CAMERAS else part for part in path.parts[:-1]]
+    return "/".join([*parts, f"<image>{path.suffix}"])
+
+
+def missing_images_error(missing: list[MissingImages]) -> DataError:
+    """One error for every row whose images are missing: how many, the first path and the expected layout."""
+    first = missing[0]
+    count = len({path for row in missing for path in row.paths})
+    message = f"{count} images are not on disk ({len(missing)} rows); the first is {first.paths[0]}"
+    hint = (
+        f"--image-root must be the folder the file's image paths are relative to, so that it holds "
+        f"{image_layout(first.stored)} as the file writes {first.stored!r}; pass --text-only to import the "
+        "rows without images, or --skip-invalid to skip them"
+    )
+    return DataError(first.file, first.row, first.field, message, hint)
+
+
+def image_root_of(file: str, image_root: str | Path | None, text_only: bool) -> Path | None:
+    """The folder an import checks images under; ``None`` for a text-only import, which needs none."""
+    if text_only:
+        return None
+    if image_root is None:
+        raise DataError(
+            file,
+            None,
+            None,
+            "no image root given",
+            hint="pass --image-root, or --text-only to import without images",
+        )
+    return Path(image_root)
 
 
 def load_json(path: Path) -> Any:
@@ -97,16 +151,13 @@ def check_task(where: Where, name: str, task: str) -> Task:
     return cast(Task, task)
 
 
-def _stored_path(path: str) -> str:
-    """An upstream image path cut to start at its ``nuscenes/`` folder, so it is relative to the image root
-    whether upstream wrote ``../nuscenes/samples/...`` (DriveLM), ``data/nuscenes/...`` or an absolute path.
+def read_images(
+    where: Where, name: str, paths: dict[str, Any], *, stored: Callable[[str], str] = str
+) -> list[ImageRef]:
+    """The images of the camera -> path mapping in field ``name``, in :data:`CAMERAS` order.
+
+    ``stored`` maps an upstream path to the one kept in the sample (the identity keeps it verbatim).
     """
-    parts = PurePosixPath(path).parts
-    return "/".join(parts[parts.index("nuscenes") :]) if "nuscenes" in parts else path
-
-
-def resolve_images(where: Where, name: str, paths: dict[str, Any], root: Path) -> list[ImageRef]:
-    """The images of the camera -> path mapping in field ``name``, in :data:`CAMERAS` order, each on disk."""
     if not paths:
         raise where.error(name, "no images", hint="list at least one camera image")
     images: dict[str, ImageRef] = {}
@@ -122,15 +173,71 @@ def resolve_images(where: Where, name: str, paths: dict[str, Any], root: Path) -
             raise where.error(field_name, f"camera {canonical} is listed twice", hint="keep one per camera")
         if not isinstance(path, str) or not path:
             raise where.error(field_name, f"image path must be a non-empty string, got {path!r}")
-        image = ImageRef(camera=canonical, path=_stored_path(path))
-        if not image.resolve(root).is_file():
-            raise where.error(
-                field_name,
-                f"image not found: {image.resolve(root)}",
-                hint="pass the folder that contains nuscenes/ as the image root, or skip invalid rows",
-            )
-        images[canonical] = image
+        images[canonical] = ImageRef(camera=canonical, path=stored(path))
     return sorted(images.values(), key=lambda image: CAMERAS.index(image.camera))
+
+
+def check_on_disk(where: Where, name: str, images: list[ImageRef], root: Path) -> None:
+    """Raise :class:`MissingImages` when an image of field ``name`` is not a file under ``root``."""
+    missing = [(image, image.resolve(root)) for image in images if not image.resolve(root).is_file()]
+    if not missing:
+        return
+    image, path = missing[0]
+    raise MissingImages(
+        where.file,
+        where.row,
+        f"{name}.{image.camera}",
+        f"image not found: {path}",
+        f"pass as --image-root the folder that holds {image_layout(image.path)}, or --text-only",
+        paths=tuple(str(p) for _, p in missing),
+        stored=image.path,
+    )
+
+
+def read_object_infos(where: Where, name: str, raw: Any) -> dict[str, dict[str, Any]]:
+    """A ``key_object_infos`` object (of a DriveLM frame, or of a frame in DriveBench's visual_description.json).
+
+    Each key must be one pixel tag and each value an object; keys are kept as written, in file order.
+    """
+    infos: dict[str, dict[str, Any]] = {}
+    for key, info in expect(where, name, raw, dict).items():
+        field_name = f"{name}.{key}"
+        if len(read_tags(where, field_name, key, NUSCENES_SIZE)) != 1:
+            raise where.error(field_name, "the key must be exactly one object tag", TAG_HINT)
+        infos[key] = expect(where, field_name, info, dict)
+    return infos
+
+
+def match_object_info(obj: ObjectTag, infos: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The info of ``obj``: the first entry whose key starts with ``<cK,CAM`` of the tag, as upstream matches.
+
+    Coordinates are ignored (info keys are pixels, tags normalised). Like upstream's ``startswith``, the prefix
+    ``<c1,CAM_FRONT`` also matches a ``<c1,CAM_FRONT_LEFT,...>`` key listed before it.
+    """
+    prefix = f"<{obj.id},{obj.camera}"
+    return next((info for key, info in infos.items() if key.startswith(prefix)), None)
+
+
+def attach_object_infos(sample: Sample, infos: Mapping[str, dict[str, Any]]) -> None:
+    """Store the infos of the objects ``sample`` references in ``meta["object_infos"]``, keyed by their tags."""
+    referenced = {
+        str(obj): info for obj in sample.objects if (info := match_object_info(obj, infos)) is not None
+    }
+    if referenced:
+        sample.meta["object_infos"] = referenced
+
+
+def require_predictions(samples: list[Sample], predictions: Mapping[str, str]) -> None:
+    """An exporter of predictions needs one for every sample (the official evaluators look each question up)."""
+    missing = [s.id for s in samples if s.id not in predictions]
+    if missing:
+        raise DataError(
+            "<predictions>",
+            missing[0],
+            None,
+            f"{len(missing)} of {len(samples)} samples have no prediction (the first is shown as the row)",
+            hint="generate answers for every sample first (drivekd eval generate)",
+        )
 
 
 def format_options(options: dict[str, str]) -> str:
@@ -191,21 +298,27 @@ def make_sample(
     scene_id: str,
     frame_id: str,
     meta: dict[str, Any],
+    rationale: str | None = None,
+    text_only: bool = False,
 ) -> Sample:
     """A :class:`Sample` from one upstream QA item: tags checked and collected as ``objects``, kind inferred.
 
-    ``fields`` names the upstream question and answer fields (for errors). With ``pixel_size`` the tags are
-    pixel centres and are stored normalised in the text; otherwise they are taken as already normalised.
+    ``fields`` names the upstream question and answer fields (for errors; a rationale comes from the answer's
+    field). With ``pixel_size`` the tags are pixel centres and are stored normalised in the text; otherwise they
+    are taken as already normalised.
     """
     texts: list[str] = []
     objects: dict[str, ObjectTag] = {}
-    for name, text in zip(fields, (question, answer), strict=True):
+    for name, text in zip((*fields, fields[1]), (question, answer, rationale or ""), strict=True):
         if not text.strip():
-            raise where.error(name, "empty text")
+            if len(texts) < 2:
+                raise where.error(name, "empty text")
+            break
         for tag in read_tags(where, name, text, pixel_size):
             objects.setdefault(str(tag), tag)
         texts.append(normalise_tags_in_text(text, pixel_size) if pixel_size else text)
-    question, answer = texts
+    question, answer = texts[:2]
+    rationale = texts[2] if len(texts) > 2 else None
     try:
         options = parse_options(question)
     except ValueError as err:
@@ -221,6 +334,7 @@ def make_sample(
         images=images,
         question=question,
         answer=answer,
+        rationale=rationale,
         capability=TASK_TO_CAPABILITY[task],
         task=task,
         kind=kind,
@@ -228,5 +342,6 @@ def make_sample(
         objects=list(objects.values()),
         scene_id=scene_id,
         frame_id=frame_id,
+        text_only=text_only,
         meta=meta,
     )

@@ -2,6 +2,23 @@
 
 Every importer and the synthetic generator produce :class:`Sample`; every model-side component consumes it.
 Image paths are stored as written and resolved against a root (by default the JSONL file's folder).
+
+A ``text_only`` sample keeps its image references (so an exporter writes them back) but no reader checks or opens
+them, and the collator builds a prompt without images (DriveBench's text-only setting).
+
+``meta`` keys the importers write (read by scoring and the judge):
+
+- ``drivebench_tag``: the DriveBench row's ``tag``, a list of ints as released (``[0]``); a bare int in older
+  JSONL is read as a one-element list by :func:`drivekd.data.drivebench.scored_tag`, which gives the tag the
+  official scorer routes by; :func:`drivekd.data.drivebench.judged` is false for the rows it leaves out
+  (prediction tag 0, the yes/no questions, imported and counted but not judged).
+- ``drivelm_tag``: the DriveLM QA item's ``tag`` list.
+- ``pred``: a DriveBench prediction file's answer text (its ``pred`` field).
+- ``object_infos``: ground-truth infos of the referenced objects, ``{normalised tag as the sample prints it:
+  {Category, Status, Visual_description, 2d_bbox}}``, from a DriveLM frame's ``key_object_infos`` or DriveBench's
+  ``visual_description.json``, matched by the ``<cK,CAM`` prefix of the tag as upstream matches
+  (:func:`drivekd.data.qa.attach_object_infos`).
+- ``gt``: structured ground truth of synthetic scenes.
 """
 
 from __future__ import annotations
@@ -13,7 +30,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from drivekd.data.cameras import check_camera
+from drivekd.data.cameras import CAMERAS, check_camera
 from drivekd.data.tags import ObjectTag
 from drivekd.errors import DataError
 from drivekd.fileio import write_atomically
@@ -68,6 +85,8 @@ class Sample(BaseModel):
     objects: list[ObjectTag] = Field(default_factory=list)
     scene_id: str = ""
     frame_id: str = ""
+    # Images are listed (and exported) but never checked or opened: the question is asked without them.
+    text_only: bool = False
     # Free-form extras: structured ground truth of synthetic scenes, upstream tags, object descriptions for a judge.
     meta: dict[str, Any] = Field(default_factory=dict)
 
@@ -118,6 +137,13 @@ class Sample(BaseModel):
         """The supervised answer text: the short answer, then the rationale when there is one."""
         return self.answer if not self.rationale else f"{self.answer}\n{self.rationale}"
 
+    @property
+    def shown_images(self) -> list[ImageRef]:
+        """The images a model sees, in nuScenes camera order: none for a text-only sample."""
+        if self.text_only:
+            return []
+        return sorted(self.images, key=lambda im: CAMERAS.index(im.camera))
+
 
 def _field_of(error: ValidationError) -> str:
     first = error.errors()[0]
@@ -140,7 +166,9 @@ def validate_row(row: Any, *, file: str, index: int) -> Sample:
 
 
 def check_images(sample: Sample, root: Path, *, file: str, index: int) -> None:
-    """Raise a :class:`DataError` naming the first image of ``sample`` that is not on disk."""
+    """Raise a :class:`DataError` naming the first image of ``sample`` that is not on disk (none for text-only)."""
+    if sample.text_only:
+        return
     for k, image in enumerate(sample.images):
         if not image.resolve(root).is_file():
             raise DataError(
@@ -163,7 +191,7 @@ def read_jsonl(
     """Stream samples from a JSONL file, validating each row.
 
     ``image_root`` defaults to the file's folder. With ``skip_invalid`` bad rows are appended to ``errors`` (when
-    given) and skipped instead of raising.
+    given) and skipped instead of raising. Text-only samples' images are never checked.
     """
     path = Path(path)
     root = image_root if image_root is not None else path.parent
@@ -198,7 +226,9 @@ def write_jsonl(samples: Iterable[Sample], path: str | Path) -> int:
         nonlocal count
         with tmp.open("w", encoding="utf-8") as handle:
             for sample in samples:
-                handle.write(sample.model_dump_json(exclude_none=True) + "\n")
+                # ``text_only`` is written only when set, so files of image samples stay as they were.
+                exclude = None if sample.text_only else {"text_only"}
+                handle.write(sample.model_dump_json(exclude_none=True, exclude=exclude) + "\n")
                 count += 1
 
     write_atomically(path, write)

@@ -1,7 +1,8 @@
 """Object tags ``<cK,CAM,x,y>``: parsing, formatting and pixel -> normalised conversion.
 
 DriveLM writes pixel centres in 1600x900 nuScenes frames (``<c1,CAM_BACK,1088.3,497.5>``); DriveBench and Drive-KD use
-the same tag with x, y divided by the image width and height, rounded to 4 decimals.
+the same tag with x, y divided by the image width and height, rounded to 4 decimals. A DriveLM challenge submission
+needs pixels again (its matcher works in pixels), hence :func:`pixel_tags_in_text`.
 """
 
 from __future__ import annotations
@@ -76,5 +77,18 @@ def normalise_tags_in_text(text: str, pixel_size: tuple[int, int] = NUSCENES_SIZ
     def convert(m: re.Match[str]) -> str:
         x, y = float(m.group(3)) / pixel_size[0], float(m.group(4)) / pixel_size[1]
         return str(ObjectTag(id=m.group(1), camera=m.group(2), x=round(x, 4), y=round(y, 4)))
+
+    return rewrite_tags(text, convert)
+
+
+def pixel_tags_in_text(text: str, pixel_size: tuple[int, int] = NUSCENES_SIZE) -> str:
+    """Rewrite normalised tags in ``text`` as pixel tags with one decimal (Drive-KD -> DriveLM convention).
+
+    Model answers are rewritten as they are: a coordinate is scaled without a range check.
+    """
+
+    def convert(m: re.Match[str]) -> str:
+        x, y = float(m.group(3)) * pixel_size[0], float(m.group(4)) * pixel_size[1]
+        return f"<{m.group(1)},{m.group(2)},{x:.1f},{y:.1f}>"
 
     return rewrite_tags(text, convert)

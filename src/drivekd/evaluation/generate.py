@@ -161,10 +161,9 @@ def generate_hf(
 
 
 def load_images(sample: Sample, root: Path) -> list[Image.Image]:
-    """The sample's images as RGB, cameras in nuScenes order (the order the prompt names them)."""
-    ordered = sorted(sample.images, key=lambda im: CAMERAS.index(im.camera))
+    """The sample's images as RGB, cameras in nuScenes order (the order the prompt names them); none if text-only."""
     images = []
-    for image in ordered:
+    for image in sample.shown_images:
         with Image.open(image.resolve(root)) as opened:
             images.append(opened.convert("RGB"))
     return images
@@ -193,15 +192,15 @@ def generate_vllm(
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
 
     def answer(batch: Sequence[Sample]) -> list[tuple[str, int]]:
-        requests = [
-            {
-                "prompt": processor.apply_chat_template(
-                    build_messages(s), add_generation_prompt=True, tokenize=False
-                ),
-                "multi_modal_data": {"image": load_images(s, root)},
-            }
-            for s in batch
-        ]
+        requests = []
+        for s in batch:
+            prompt = processor.apply_chat_template(
+                build_messages(s), add_generation_prompt=True, tokenize=False
+            )
+            images = load_images(s, root)
+            requests.append(
+                {"prompt": prompt, "multi_modal_data": {"image": images}} if images else {"prompt": prompt}
+            )
         outputs = llm.generate(requests, params, use_tqdm=False)
         return [(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
 
