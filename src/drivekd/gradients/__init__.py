@@ -6,27 +6,41 @@ over the loss gradients from their Gramian alone; ``drivekd.gradients.mixing`` b
 26); ``LossReweighter`` is the online loss reweighting of eq. 25.
 """
 
-from drivekd.gradients.explicit import agp, agp_merge, g2, g2_merge, pcgrad, project_out
+from drivekd.gradients.explicit import (
+    agp,
+    agp_merge,
+    agp_teacher_grouped,
+    g2,
+    g2_merge,
+    g2_teacher_grouped,
+    pcgrad,
+    project_out,
+)
 from drivekd.gradients.gramian import (
     METHODS,
     ProjectionStats,
     agp_weights,
+    combine_teacher_weights,
     combine_weights,
     g2_weights,
     none_weights,
     pcgrad_weights,
     stage2_order,
+    teacher_grouped_weights,
 )
 from drivekd.gradients.mixing import (
     DEFAULT_PI,
     PROJECTION_EPS,
     Combination,
+    TeacherCombination,
     atomic_coefficients,
     combination_gramian,
     combination_matrix,
     group_matrix,
     group_norms,
     pi_matrix,
+    row_norms,
+    teacher_matrix,
 )
 from drivekd.gradients.reweight import LossReweighter, ReweightStep
 
@@ -38,15 +52,19 @@ __all__ = [
     "LossReweighter",
     "ProjectionStats",
     "ReweightStep",
+    "TeacherCombination",
     "agp",
     "agp_merge",
+    "agp_teacher_grouped",
     "agp_weights",
     "atomic_coefficients",
     "combination_gramian",
     "combination_matrix",
+    "combine_teacher_weights",
     "combine_weights",
     "g2",
     "g2_merge",
+    "g2_teacher_grouped",
     "g2_weights",
     "group_matrix",
     "group_norms",
@@ -55,5 +73,8 @@ __all__ = [
     "pcgrad_weights",
     "pi_matrix",
     "project_out",
+    "row_norms",
     "stage2_order",
+    "teacher_grouped_weights",
+    "teacher_matrix",
 ]

@@ -137,3 +137,60 @@ def g2(
 ) -> torch.Tensor:
     """G2: symmetric CE-vs-distillation projection per capability, then stage 2 as AGP's; the update."""
     return _two_stage(sup, distill, order, True, eps, record)
+
+
+def _teacher_two_stage(
+    sup: torch.Tensor,
+    followers: Mapping[str, torch.Tensor],
+    order: Sequence[str],
+    symmetric: bool,
+    eps: float,
+    anchor_share: str,
+    record: Record | None,
+) -> torch.Tensor:
+    if anchor_share not in ("per_follower", "once"):
+        raise ValueError(f"anchor_share must be 'per_follower' or 'once', got {anchor_share!r}")
+    order = check_order(order, list(followers), "order")
+    _check_vectors([sup, *followers.values()], "sup and followers")
+    merged = {}
+    for k in order:
+        follower, fired = project_out(followers[k], sup, eps)
+        anchor = project_out(sup, followers[k], eps)[0] if symmetric else sup
+        if anchor_share == "once":
+            anchor = anchor / len(order)
+        merged[k] = anchor + follower
+        if record is not None:
+            record[k, SUP] = fired
+    return _pairwise(merged, order, eps, record)
+
+
+def agp_teacher_grouped(
+    sup: torch.Tensor,
+    followers: Mapping[str, torch.Tensor],
+    order: Sequence[str],
+    eps: float = PROJECTION_EPS,
+    anchor_share: str = "per_follower",
+    record: Record | None = None,
+) -> torch.Tensor:
+    """AGP in the teacher grouping (the released code's reading of eqs. 18-23); the combined 1-D update.
+
+    ``sup`` is the CE gradient (the anchor); ``followers`` maps each teacher name to its already weighted follower
+    gradient (pi_{c,t} w_t grad L_t); ``order`` is the stage-2 order of those names. Stage 1: f_k' = f_k
+    projected onto the normal plane of ``sup`` on conflict, merged m_k = sup + f_k' (``per_follower``: the anchor
+    enters once per follower) or sup / K + f_k' (``once``). Stage 2: each m_k projected on conflict against every
+    other ORIGINAL m_j in ``order``; their sum.
+    """
+    return _teacher_two_stage(sup, followers, order, False, eps, anchor_share, record)
+
+
+def g2_teacher_grouped(
+    sup: torch.Tensor,
+    followers: Mapping[str, torch.Tensor],
+    order: Sequence[str],
+    eps: float = PROJECTION_EPS,
+    anchor_share: str = "per_follower",
+    record: Record | None = None,
+) -> torch.Tensor:
+    """G2 in the teacher grouping: stage 1 projects sup and each follower against the other's original on
+    conflict; stage 2 as :func:`agp_teacher_grouped`."""
+    return _teacher_two_stage(sup, followers, order, True, eps, anchor_share, record)

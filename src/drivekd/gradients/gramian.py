@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -225,6 +225,82 @@ def none_weights(
     coefficients[[*sup_index.values(), *distill_index.values()]] = 1.0
     return coefficients.to(gramian.device), ProjectionStats(
         "none", amplification=_amplification(gram, coefficients)
+    )
+
+
+AnchorShare = Literal["per_follower", "once"]
+ANCHOR_SHARES = ("per_follower", "once")
+
+
+def teacher_grouped_weights(
+    gramian: torch.Tensor,
+    sup_index: int,
+    follower_index: Mapping[str, int],
+    order: Sequence[str],
+    eps: float = PROJECTION_EPS,
+    *,
+    symmetric: bool = False,
+    anchor_share: AnchorShare = "per_follower",
+) -> tuple[torch.Tensor, ProjectionStats]:
+    """AGP (or G2 with ``symmetric``) of the teacher grouping, as coefficients over the Gramian's rows.
+
+    Stage 1: each follower f_k (one per teacher term) is projected onto the normal plane of the anchor g_sup on
+    conflict (G2: the anchor is projected against f_k too) and merged: m_k = a + f_k', with a = g_sup
+    (``per_follower``: the anchor enters the sum once per follower, as the released code does) or g_sup / K
+    (``once``: without conflicts the update is g_sup + sum_k f_k, the same as no projection). Stage 2: each m_k
+    projected, on conflict, against every other ORIGINAL m_j in ``order`` (a permutation of the teachers); the
+    coefficients of the sum.
+    """
+    gram = _host(gramian)
+    size = gram.shape[0]
+    _check_rows(size, {SUP: sup_index, **follower_index}, {})
+    if anchor_share not in ANCHOR_SHARES:
+        raise ValueError(f"anchor_share must be one of {ANCHOR_SHARES}, got {anchor_share!r}")
+    order = check_order(order, list(follower_index), "order")
+    stats = ProjectionStats("g2" if symmetric else "agp", tuple(order))
+    sup = _unit(size, sup_index)
+    merged = {}
+    for k in order:
+        follower = _unit(size, follower_index[k])
+        follower, stats.stage1[k, SUP] = _project(gram, follower, sup, eps)
+        anchor = sup
+        if symmetric:
+            anchor, stats.stage1[SUP, k] = _project(gram, sup, _unit(size, follower_index[k]), eps)
+        merged[k] = (anchor / len(order) if anchor_share == "once" else anchor) + follower
+    total = _pairwise(gram, merged, order, eps, stats.stage2, {k: k for k in order})
+    stats.amplification = _amplification(gram, total)
+    return total.to(gramian.device), stats
+
+
+def combine_teacher_weights(
+    method: str,
+    gramian: torch.Tensor,
+    sup_index: int,
+    follower_index: Mapping[str, int],
+    generator: torch.Generator,
+    eps: float = PROJECTION_EPS,
+    anchor_share: AnchorShare = "per_follower",
+) -> tuple[torch.Tensor, ProjectionStats]:
+    """Coefficients of ``method`` in the teacher grouping, its order drawn by ``stage2_order``.
+
+    ``none``: 1 on the anchor and every follower (g_sup + sum_k f_k); G1: PCGrad over the anchor and the
+    followers; AGP / G2: :func:`teacher_grouped_weights` over a random order of the teachers.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown gradient method {method!r}; choose one of {METHODS}")
+    rows = [sup_index, *follower_index.values()]
+    if method == "none":
+        return none_weights(gramian, {SUP: sup_index, **follower_index}, {})
+    if method == "g1":
+        sub = gramian[rows][:, rows]
+        names = [SUP, *follower_index]
+        partial, stats = pcgrad_weights(sub, stage2_order(generator, range(len(rows))), eps, names)
+        coefficients = torch.zeros(gramian.shape[0], dtype=torch.float64, device=gramian.device)
+        coefficients[rows] = partial
+        return coefficients, stats
+    order = stage2_order(generator, list(follower_index))
+    return teacher_grouped_weights(
+        gramian, sup_index, follower_index, order, eps, symmetric=method == "g2", anchor_share=anchor_share
     )
 
 

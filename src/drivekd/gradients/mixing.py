@@ -135,12 +135,57 @@ def combination_matrix(
     return Combination(torch.stack(rows), tuple(names), sup_index, distill_index)
 
 
+@dataclass(frozen=True)
+class TeacherCombination:
+    """The rows of the teacher grouping: ``matrix`` (1 + K, M) float64 over the atomic ``terms``; row
+    ``sup_index`` is the anchor w_ce sum_c L_sup(c), ``follower_index[t]`` teacher t's follower
+    sum_c pi_{c,t} w_t L_t(c) (each sample's own Pi row, eq. 17)."""
+
+    matrix: torch.Tensor
+    rows: tuple[str, ...]
+    sup_index: int
+    follower_index: dict[str, int]
+
+
+def teacher_matrix(
+    terms: Sequence[Term],
+    weights: Mapping[str, float | torch.Tensor],
+    pi: Sequence[Sequence[float]] | torch.Tensor = DEFAULT_PI,
+) -> TeacherCombination:
+    """The anchor row (``"sup"``) and one follower row per teacher present in ``terms``, teachers in
+    ``CAPABILITIES`` order. ``weights`` as in ``combination_matrix``."""
+    terms = _check_terms(terms)
+    pi = pi_matrix(pi)
+    if not any(loss == CE for _, loss in terms):
+        raise ValueError("no 'ce' term: the CE gradient is the anchor of AGP (eq. 18)")
+    missing = sorted({loss for _, loss in terms} - set(weights), key=str)
+    if missing:
+        raise ValueError(f"weights lack {missing}; give a weight for 'ce' and every teacher in the terms")
+    rows = [torch.zeros(len(terms), dtype=torch.float64)]
+    names = [SUP]
+    followers: dict[str, int] = {}
+    for teacher in CAPABILITIES:
+        if not any(loss == teacher for _, loss in terms):
+            continue
+        followers[teacher] = len(rows)
+        rows.append(torch.zeros(len(terms), dtype=torch.float64))
+        names.append(teacher)
+    for m, (capability, loss) in enumerate(terms):
+        if loss == CE:
+            rows[0][m] = float(weights[CE])
+        else:
+            c, t = CAPABILITIES.index(capability), CAPABILITIES.index(loss)
+            rows[followers[loss]][m] = pi[c, t] * float(weights[loss])
+    return TeacherCombination(torch.stack(rows), tuple(names), 0, followers)
+
+
 def group_matrix(
-    terms: Sequence[Term], pi: Sequence[Sequence[float]] | torch.Tensor = DEFAULT_PI
+    terms: Sequence[Term], pi: Sequence[Sequence[float]] | torch.Tensor = DEFAULT_PI, *, mixed: bool = True
 ) -> tuple[tuple[str, ...], torch.Tensor]:
     """The unweighted loss each reweighting weight multiplies (eq. 17), as rows over the atomic ``terms``.
 
-    ``"ce"``: sum_c L_sup(c), the CE that w_ce scales; teacher t: sum_c pi_{c,t} L_t(c), the loss w_t scales.
+    ``"ce"``: sum_c L_sup(c), the CE that w_ce scales; teacher t: sum_c pi_{c,t} L_t(c), the loss w_t scales
+    (``mixed=False``: sum_c L_t(c), the unmixed loss the released code's reweighting measures).
     Names follow ``weights`` of ``combination_matrix``; groups with no term are left out.
     """
     terms = _check_terms(terms)
@@ -151,7 +196,8 @@ def group_matrix(
         row = torch.zeros(len(terms), dtype=torch.float64)
         for m, (capability, loss) in enumerate(terms):
             if loss == name:
-                row[m] = 1.0 if name == CE else pi[CAPABILITIES.index(capability), CAPABILITIES.index(name)]
+                mixing = name != CE and mixed
+                row[m] = pi[CAPABILITIES.index(capability), CAPABILITIES.index(name)] if mixing else 1.0
         if any(loss == name for _, loss in terms):
             names.append(name)
             rows.append(row)
@@ -183,15 +229,22 @@ def atomic_coefficients(matrix: torch.Tensor, coefficients: torch.Tensor) -> tor
     return matrix.to(device=coefficients.device, dtype=torch.float64).T @ coefficients.to(torch.float64)
 
 
+def row_norms(gramian: torch.Tensor, names: Sequence[str]) -> dict[str, float]:
+    """||grad L_r|| of every row from the rows' own Gramian: sqrt of its diagonal, by row name."""
+    squared = torch.diagonal(gramian).detach().to(torch.float64).clamp_min(0.0)
+    return {name: float(value) for name, value in zip(names, squared.sqrt().tolist(), strict=True)}
+
+
 def group_norms(
     gramian: torch.Tensor,
     terms: Sequence[Term],
     pi: Sequence[Sequence[float]] | torch.Tensor = DEFAULT_PI,
+    *,
+    mixed: bool = True,
 ) -> dict[str, float]:
     """G_i = ||grad L_i|| for every reweighting group (appendix B.1), from the Gramian of the atomic ``terms``.
 
-    sqrt of the diagonal of B G B^T with B from ``group_matrix``: no extra backward.
+    ``row_norms`` of B G B^T with B from ``group_matrix``: no extra backward.
     """
-    names, matrix = group_matrix(terms, pi)
-    squared = torch.diagonal(combination_gramian(gramian, matrix)).clamp_min(0.0)
-    return {name: float(value) for name, value in zip(names, squared.sqrt().tolist(), strict=True)}
+    names, matrix = group_matrix(terms, pi, mixed=mixed)
+    return row_norms(combination_gramian(gramian, matrix), names)

@@ -173,3 +173,126 @@ class LossReweighter(nn.Module):
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self._optimizer.load_state_dict(state["optimizer"])
+
+
+class ReferenceReweighter(nn.Module):
+    """Online reweighting as the authors' released training code does it (``reweight.mode: reference``).
+
+    w_i = clamp(softplus(a_i) + eps, w_min, w_max), the CE weight also kept >= ``min_ce_weight``; initial weights
+    are the static values. One step over the active terms minimises sum_i |w_i G_i - p_i (sum_j w_j G_j)
+    (r_i / mean_j r_j)^alpha| with AdamW (betas 0.9 / 0.99, no weight decay), where p_i are the static values
+    normalised to sum 1, r_i = L_i / L_i(0) and the target is NOT detached (its sum depends on the weights).
+    Then the weights are rescaled so that the active ones sum to their static values' sum, clamped again (bounds,
+    CE floor) and written back as a_i = log(expm1(w_i)). Differences from :class:`LossReweighter`: the target's
+    sum is not detached, L1 on raw magnitudes, the rescale and the CE floor; alpha defaults to 0 (the
+    loss-rate term off).
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        static_weights: Mapping[str, float],
+        *,
+        alpha: float = 0.0,
+        lr: float = 3e-4,
+        bounds: tuple[float, float] = (1e-6, 1e6),
+        min_ce_weight: float = 0.6,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__()
+        self.names = tuple(names)
+        if not self.names or len(set(self.names)) != len(self.names):
+            raise ValueError(f"names must be non-empty and distinct, got {list(names)}")
+        self.static = {n: float(static_weights[n]) for n in self.names}
+        if any(not (w >= 0 and math.isfinite(w)) for w in self.static.values()):
+            raise ValueError(f"static weights must be finite and >= 0, got {self.static}")
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be finite and >= 0, got {alpha}")
+        if not 0 < bounds[0] < bounds[1] < math.inf:
+            raise ValueError(f"bounds must satisfy 0 < w_min < w_max < inf, got {bounds}")
+        self.alpha, self.bounds, self.min_ce, self.eps = (
+            float(alpha),
+            bounds,
+            float(min_ce_weight),
+            float(eps),
+        )
+        start = {n: min(max(w, bounds[0]), bounds[1]) for n, w in self.static.items()}
+        self.raw = nn.ParameterDict(
+            {
+                n: nn.Parameter(_released_softplus_inverse(torch.tensor(w, dtype=torch.float64)))
+                for n, w in start.items()
+            }
+        )
+        self.register_buffer("initial_losses", torch.full((len(self.names),), math.nan, dtype=torch.float64))
+        self._optimizer = torch.optim.AdamW(self.raw.values(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+    def _weights(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in self.names:
+            w = (nn.functional.softplus(self.raw[n]) + self.eps).clamp(*self.bounds)
+            out[n] = w.clamp_min(self.min_ce) if n == "ce" else w
+        return out
+
+    def weights(self) -> dict[str, float]:
+        with torch.no_grad():
+            return {n: float(w) for n, w in self._weights().items()}
+
+    def update(self, losses: Mapping[str, float], grad_norms: Mapping[str, float]) -> ReweightStep | None:
+        """One step on the window's mean losses L_i and gradient norms G_i (unweighted); None when fewer than two
+        terms are active or sum_j w_j G_j is not positive (the released code skips those steps too)."""
+        active = [n for n in self.names if n in losses and n in grad_norms]
+        if len(active) < 2:
+            return None
+        for n in active:
+            k = self.names.index(n)
+            if math.isnan(self.initial_losses[k]):
+                self.initial_losses[k] = float(losses[n])
+        w = self._weights()
+        magnitudes = {n: w[n] * float(grad_norms[n]) for n in active}
+        total = torch.stack([magnitudes[n] for n in active]).sum()
+        if float(total.detach()) <= 0:
+            return None
+        static_sum = sum(max(0.0, self.static[n]) for n in active)
+        shares = (
+            {n: max(0.0, self.static[n]) / static_sum for n in active}
+            if static_sum > 0
+            else dict.fromkeys(active, 1 / len(active))
+        )
+        ratio = {
+            n: float(losses[n]) / max(1e-12, float(self.initial_losses[self.names.index(n)])) for n in active
+        }
+        mean = sum(ratio.values()) / len(active)
+        decay = {n: ratio[n] / mean if mean > 0 else 1.0 for n in active}
+        targets = {n: shares[n] * total * (decay[n] ** self.alpha if self.alpha else 1.0) for n in active}
+        objective = sum((magnitudes[n] - targets[n]).abs() for n in active)
+        self._optimizer.zero_grad(set_to_none=True)
+        objective.backward()
+        self._optimizer.step()
+        with torch.no_grad():
+            new = self._weights()
+            scale = (static_sum if static_sum > 0 else len(active)) / float(
+                torch.stack([new[n] for n in active]).sum().clamp_min(1e-20)
+            )
+            for n in active:
+                value = (new[n] * scale).clamp(*self.bounds)
+                if n == "ce":
+                    value = value.clamp_min(self.min_ce)
+                self.raw[n].copy_(_released_softplus_inverse(value))
+        return ReweightStep(
+            self.weights(),
+            {n: float(v.detach()) for n, v in targets.items()},
+            {n: float(v.detach()) for n, v in magnitudes.items()},
+            decay,
+            float(objective.detach()),
+        )
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"optimizer": copy.deepcopy(self._optimizer.state_dict())}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._optimizer.load_state_dict(state["optimizer"])
+
+
+def _released_softplus_inverse(w: torch.Tensor) -> torch.Tensor:
+    """a = log(expm1(w)) with expm1 floored at 1e-20, the inverse the released code writes weights back with."""
+    return torch.log(torch.expm1(w).clamp_min(1e-20))
