@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Literal
 
 import torch
+
+# Which tokens are the text queries of a text-to-vision block: the paper's T_b (text tokens of prompt and answer)
+# or, as the released training code does, every non-padding token that is not a vision token (special tokens too).
+TVRows = Literal["text", "non_image"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,15 @@ class TVIndex:
         query_index, query_valid = _packed_positions(rows)
         key_index, key_valid = _packed_positions(vision)
         return cls(query_index, query_valid, key_index, key_valid, text.sum(1), vision.sum(1))
+
+    @classmethod
+    def of_roles(cls, roles: TokenRoles, rows: TVRows = "text") -> TVIndex:
+        """The index of a batch's roles with ``rows`` as its text queries (see :data:`TVRows`)."""
+        if rows == "text":
+            return cls.from_masks(roles.text, roles.vision)
+        if rows == "non_image":
+            return cls.from_masks(roles.valid & ~roles.vision, roles.vision)
+        raise ValueError(f"text-to-vision rows must be 'text' or 'non_image', got {rows!r}")
 
     def gather(self, maps: torch.Tensor) -> torch.Tensor:
         """Cut the (B, Tq, Vk) block out of full (B, L, L) maps; invalid entries are zero."""

@@ -13,6 +13,7 @@ Teacher tensors are used as given: produce them under ``torch.no_grad()`` when o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -46,32 +47,55 @@ def check_layer_pairs(students: Sequence[torch.Tensor], targets: Sequence[torch.
         )
 
 
+KeyNorm = Literal["causal", "all"]
+
+
 def full_attention_mse(
-    student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor
+    student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor, keys: KeyNorm = "causal"
 ) -> torch.Tensor:
     """Full-attention MSE (eq. 11).
 
-    For each valid query (b, i) the mean over the keys it may attend (j <= i, j not padding) of (S - T)^2,
-    then the mean over all valid queries of the batch, pooled over samples.
+    For each valid query (b, i) the squared error (S - T)^2 summed over the keys it may attend (j <= i, j not
+    padding) and divided by how many keys: those it may attend (``keys="causal"``, the paper's mean) or every
+    non-padding key of its sample (``keys="all"``, the released code's mean over all L keys, whose future
+    entries are zero in both maps); then the mean over all valid queries of the batch, pooled over samples.
     """
     _check_full_maps(student, teacher, attention_mask)
     valid = attention_mask.bool()
-    key_count = valid.cumsum(1).clamp(min=1)  # keys j <= i that are not padding
+    if keys == "causal":
+        key_count = valid.cumsum(1).clamp(min=1)  # keys j <= i that are not padding
+    elif keys == "all":
+        key_count = valid.sum(1, keepdim=True).clamp(min=1)
+    else:
+        raise ValueError(f"keys must be 'causal' or 'all', got {keys!r}")
     per_query = _masked_diff(student, teacher, _causal_pairs(valid)).square().sum(-1) / key_count
     return masked_mean(per_query, valid)
+
+
+def layer_mean(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean over the selected student layers of a per-layer loss (eqs. 14, 35 and the grouped baselines)."""
+    if len(values) == 0:
+        raise ValueError("need the loss of at least one layer")
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    return total / len(values)
 
 
 def reasoning_attention_loss(
     student_maps: Sequence[torch.Tensor],
     teacher_targets: Sequence[torch.Tensor],
     attention_mask: torch.Tensor,
+    keys: KeyNorm = "causal",
 ) -> torch.Tensor:
     """L_r (eq. 14): mean over the selected student layers of eq. 11 against group-mean teacher targets."""
     check_layer_pairs(student_maps, teacher_targets)
-    total = sum(
-        full_attention_mse(s, t, attention_mask) for s, t in zip(student_maps, teacher_targets, strict=True)
+    return layer_mean(
+        [
+            full_attention_mse(s, t, attention_mask, keys)
+            for s, t in zip(student_maps, teacher_targets, strict=True)
+        ]
     )
-    return total / len(student_maps)
 
 
 def text_to_vision_mse(
@@ -127,26 +151,32 @@ def text_to_vision_cosine_blocks(
     return masked_mean(per_sample, _has_pairs(index))
 
 
+def full_attention_cosine_map(
+    student: torch.Tensor, teacher: torch.Tensor, attention_mask: torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """Full-attention cosine loss of one layer (eqs. 33-34): per sample 1 - cos over all valid (causal,
+    non-padding) query-key entries, then the mean over the samples that have at least one token."""
+    _check_full_maps(student, teacher, attention_mask)
+    per_sample = _cosine_distance(student, teacher, _causal_pairs(attention_mask), eps)
+    return masked_mean(per_sample, attention_mask.bool().any(dim=1))
+
+
 def full_attention_cosine(
     student_maps: Sequence[torch.Tensor],
     teacher_targets: Sequence[torch.Tensor],
     attention_mask: torch.Tensor,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Grouped full-attention cosine loss (eqs. 32-35).
-
-    Per sample and layer 1 - cos over all valid (causal, non-padding) query-key entries, averaged over the
-    layers, then over the samples that have at least one token.
-    """
+    """Grouped full-attention cosine loss (eqs. 32-35): the mean over layers of ``full_attention_cosine_map``
+    against group-mean teacher targets (the same samples enter every layer, so this is also the per-sample
+    mean over layers averaged over samples)."""
     check_layer_pairs(student_maps, teacher_targets)
-    for s, t in zip(student_maps, teacher_targets, strict=True):
-        _check_full_maps(s, t, attention_mask)
-    pairs = _causal_pairs(attention_mask)
-    per_sample = sum(
-        _cosine_distance(s, t, pairs, eps) for s, t in zip(student_maps, teacher_targets, strict=True)
+    return layer_mean(
+        [
+            full_attention_cosine_map(s, t, attention_mask, eps)
+            for s, t in zip(student_maps, teacher_targets, strict=True)
+        ]
     )
-    per_sample = per_sample / len(student_maps)
-    return masked_mean(per_sample, attention_mask.bool().any(dim=1))
 
 
 def _check_full_maps(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from drivekd.losses.attention import at_least_float32, check_layer_pairs, masked_mean
+from drivekd.losses.attention import at_least_float32, check_layer_pairs, layer_mean, masked_mean
 
 
 class HiddenProjector(nn.Module):
@@ -67,8 +67,9 @@ def grouped_hidden_mse(
         raise ValueError(
             f"need one projector per student layer, got {len(projectors)} for {len(student_hiddens)}"
         )
-    total = sum(
-        hidden_mse(s, t, attention_mask, p)
-        for s, t, p in zip(student_hiddens, teacher_targets, projectors, strict=True)
+    return layer_mean(
+        [
+            hidden_mse(s, t, attention_mask, p)
+            for s, t, p in zip(student_hiddens, teacher_targets, projectors, strict=True)
+        ]
     )
-    return total / len(student_hiddens)

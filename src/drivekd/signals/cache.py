@@ -39,7 +39,7 @@ from safetensors.torch import save
 from transformers import PreTrainedModel
 
 from drivekd.data.collate import Batch, VLMCollator
-from drivekd.data.roles import TVIndex
+from drivekd.data.roles import TVIndex, TVRows
 from drivekd.data.schema import Sample
 from drivekd.errors import CacheError, DataError
 from drivekd.fileio import write_atomically
@@ -135,6 +135,7 @@ class CacheIndex(BaseModel):
     teacher: TeacherInfo
     dtype: str
     layers: dict[str, list[int]]  # kind -> 0-based decoder indices
+    tv_rows: TVRows = "text"  # the text queries of the tv blocks (TVIndex.of_roles)
     shards: list[ShardEntry]
     samples: dict[str, SampleEntry]
 
@@ -180,13 +181,15 @@ def write_cache(
     max_shard_bytes: int = 1 << 30,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    tv_rows: TVRows = "text",
 ) -> CacheReport:
     """Run the teacher once over ``samples`` and write their ``needs`` (tv and full layers) to ``out_dir``.
 
     A shard is closed after ``shard_samples`` samples or once its tensors reach ``max_shard_bytes`` (full maps
     are large, and a shard is assembled in memory). An existing cache is replaced only with ``overwrite``; its
     index is removed first so that an interrupted rewrite leaves no index. ``progress`` is called with the number
-    of samples of each finished batch.
+    of samples of each finished batch. ``tv_rows`` picks the text queries of the tv blocks (``TVIndex.of_roles``;
+    ``non_image`` for ``distill.normalisation=reference``).
     """
     _check_write_args(needs, batch_size, shard_samples, dtype)
     live = teacher if isinstance(teacher, LiveTeacher) else LiveTeacher(teacher)
@@ -215,7 +218,7 @@ def write_cache(
                 )
             seen.add(sample.id)
         batch = collator(chunk).to(device)
-        index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
+        index = TVIndex.of_roles(batch.roles, tv_rows)
         signals = live.signals(batch, index, needs)
         for row, sample_id in enumerate(batch.sample_ids):
             writer.add(sample_id, _sample_tensors(signals, batch, row, dtype), Fingerprint.of(batch, row))
@@ -239,6 +242,7 @@ def write_cache(
         ),
         dtype=str(dtype).removeprefix("torch."),
         layers={"tv": sorted(needs.tv_layers), "full": sorted(needs.full_layers)},
+        tv_rows=tv_rows,
         shards=writer.shards,
         samples=writer.samples,
     )
@@ -328,8 +332,10 @@ class CachedTeacher:
                 )
 
     def _check_index(self, batch: Batch, index: TVIndex) -> None:
-        """The cached blocks follow ``TVIndex.from_masks`` of the batch's roles; ``index`` must lay them out so."""
-        expected = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
+        """The cached blocks follow ``TVIndex.of_roles`` of the batch's roles with the cache's ``tv_rows``; ``index``
+        must lay them out so."""
+        rows = self.index.tv_rows
+        expected = TVIndex.of_roles(batch.roles, rows)
         same = all(
             mine.shape == theirs.shape and torch.equal(mine.to(theirs.device), theirs)
             for mine, theirs in (
@@ -341,9 +347,10 @@ class CachedTeacher:
         )
         if not same:
             raise CacheError(
-                "the TVIndex passed for this batch is not TVIndex.from_masks(batch.roles.text, batch.roles.vision), "
-                "the layout of the cached text-to-vision blocks (text queries at or after the first vision token, "
-                "vision keys in order): build the index that way"
+                f"the TVIndex passed for this batch is not TVIndex.of_roles(batch.roles, {rows!r}), the layout of "
+                f"the cached text-to-vision blocks of {self.folder} (tv_rows={rows!r}: queries at or after the first "
+                "vision token, vision keys in order). Train with the distill.normalisation the cache was written "
+                "for, or rewrite the cache with drivekd cache-teacher --tv-rows"
             )
 
     def _tv(self, layer: int, batch: Batch, index: TVIndex, entries: Sequence[SampleEntry]) -> torch.Tensor:

@@ -115,12 +115,25 @@ def cache_teacher_cmd(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing cache in --out.")
     ] = False,
+    tv_rows: Annotated[
+        str,
+        typer.Option(
+            "--tv-rows",
+            help="Text queries of the t-v blocks: 'text' (the paper's T_b, distill.normalisation=paper) or "
+            "'non_image' (every non-vision token, distill.normalisation=reference).",
+        ),
+    ] = "text",
 ) -> None:
     """One teacher pass over --data, writing its attention signals to safetensors shards with an index."""
     try:
-        if dtype not in DTYPES or padding_side not in ("left", "right"):
+        if (
+            dtype not in DTYPES
+            or padding_side not in ("left", "right")
+            or tv_rows not in ("text", "non_image")
+        ):
             raise ValueError(
-                f"--dtype must be float16|float32 and --padding-side left|right, got {dtype}, {padding_side}"
+                f"--dtype must be float16|float32, --padding-side left|right and --tv-rows text|non_image, got "
+                f"{dtype}, {padding_side}, {tv_rows}"
             )
         model, processor = load_spec(teacher, role="teacher")
         model.to(device)
@@ -155,6 +168,7 @@ def cache_teacher_cmd(
                 shard_samples=shard_samples,
                 overwrite=overwrite,
                 progress=lambda n: progress.advance(task, n),
+                tv_rows="non_image" if tv_rows == "non_image" else "text",
             )
     except (DriveKDError, ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
