@@ -1,8 +1,9 @@
 """A disk cache of judge replies (SQLite), so a rerun of the same grading costs nothing.
 
-A grading is keyed by (prompt hash, run index): the prompt hash covers the chat messages and every setting that
-shapes a grade (judge protocol, endpoint, judge model, temperature, token limit), and the run index keeps the N
-grading runs of one prompt apart. Each row also stores the hash of the messages alone and the settings in clear,
+A grading is keyed by (prompt hash, run index): the prompt hash covers the graded item's id, the chat messages and
+every setting that shapes a grade (judge protocol, endpoint, judge model, temperature, token limit), and the run
+index keeps the N grading runs of one prompt apart. The id keeps two questions whose prompts happen to be equal
+(the DriveLM GPT prompt holds only the two answers) graded separately, as the upstream evaluators grade them. Each row also stores the hash of the messages alone and the settings in clear,
 so a cache that holds grades of the same prompts made under other settings is refused with the differences
 named, instead of silently mixing two judges' grades in one file. Only replies are stored (never the API key); a
 failed call is not cached, so a rerun tries it again.
@@ -49,9 +50,10 @@ def content_hash(messages: list[dict[str, Any]]) -> str:
     return hashlib.sha256(_canonical(messages).encode("utf-8")).hexdigest()
 
 
-def prompt_hash(messages: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    """SHA-256 of the messages and the grading settings (protocol, endpoint, model, temperature, token limit)."""
-    blob = _canonical({"messages": messages, "settings": settings})
+def prompt_hash(messages: list[dict[str, Any]], settings: dict[str, Any], item: str) -> str:
+    """SHA-256 of the item id, the messages and the grading settings (protocol, endpoint, model, temperature,
+    token limit)."""
+    blob = _canonical({"item": item, "messages": messages, "settings": settings})
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 

@@ -81,7 +81,7 @@ def score(
     }
     if judge is not None:
         tasks = judge_tasks(items, prompts)
-        hashes = {t.sample_id: prompt_hash(t.messages, judge.settings()) for t in tasks}
+        hashes = {t.sample_id: prompt_hash(t.messages, judge.settings(), t.sample_id) for t in tasks}
         results = run_judge(tasks, judge, client=client, progress=progress)
         table = score_table(items, results, judge.runs)
         report["judge"] = {

@@ -278,7 +278,7 @@ class Judge:
     async def _grade(self, task: JudgeTask, run: int) -> JudgeResult:
         cfg = self.config
         parse = PARSERS[cfg.protocol]
-        digest = prompt_hash(task.messages, cfg.settings())
+        digest = prompt_hash(task.messages, cfg.settings(), task.sample_id)
         cached = self.cache.get(digest, run) if self.cache is not None else None
         if cached and not (cached.status == "unparsed" and cfg.retry_unparsed):
             hit: Status = "ok" if cached.status == "ok" else "unparsed"

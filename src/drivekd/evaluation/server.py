@@ -44,7 +44,10 @@ def _foreign_reply(messages: list[dict[str, Any]]) -> tuple[int, str]:
         return HTTPStatus.BAD_REQUEST, "no prompt text in the messages"
     score = format_check_score(text)
     if "Total Score" in text:
-        return HTTPStatus.OK, f"Total Score: {score}\nFormat check by the Drive-KD offline server (not a grade)."
+        return (
+            HTTPStatus.OK,
+            f"Total Score: {score}\nFormat check by the Drive-KD offline server (not a grade).",
+        )
     return HTTPStatus.OK, str(score)
 
 
