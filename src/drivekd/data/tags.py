@@ -16,8 +16,9 @@ from drivekd.data.cameras import check_camera
 
 NUSCENES_SIZE = (1600, 900)
 TAG_RE = re.compile(r"<(c\d+),([A-Za-z_.]+),\s*(-?\d+(?:\.\d+)?),\s*(-?\d+(?:\.\d+)?)>")
-# Anything that looks like an attempt at a tag, to catch malformed ones the strict pattern misses.
-LOOSE_TAG_RE = re.compile(r"<c\d+,[^<>]*>")
+# Anything that looks like an attempt at a tag, to catch malformed ones the strict pattern misses: also one that is
+# never closed (cut off at the end of the text or before the next tag).
+LOOSE_TAG_RE = re.compile(r"<c\d+,[^<>]*(?:>|(?=<)|$)")
 
 
 class ObjectTag(BaseModel):
