@@ -26,7 +26,6 @@ from drivekd.evaluation.drivelm_challenge import (
     read_challenge_predictions,
     read_test,
     score_drivelm,
-    to_pixels,
 )
 from drivekd.evaluation.judge import JudgeConfig
 from drivekd.evaluation.predictions import PredictionRecord, PredictionWriter
@@ -116,11 +115,6 @@ def test_language_metrics_match_the_wrappers_documented_example():
     assert out["Bleu_2"] == pytest.approx(0.5773502690332603)
     assert out["ROUGE_L"] == pytest.approx(0.75)
     assert out["CIDEr"] == pytest.approx(10 / 3)
-
-
-def test_to_pixels():
-    assert to_pixels("notice <c1,CAM_BACK,0.6802,0.5528> first") == "notice <c1,CAM_BACK,1088.3,497.5> first"
-    assert to_pixels("<c2,CAM_FRONT,836.3,398.3>") == "<c2,CAM_FRONT,836.3,398.3>"  # already pixels
 
 
 def _expected_counted_without_answers(test_file: Path) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 
 import openai
 
-from drivekd.data.tags import NUSCENES_SIZE, rewrite_tags
+from drivekd.data.tags import pixel_tags_in_text
 from drivekd.errors import DataError, DriveKDError
 from drivekd.evaluation.evaluate import provenance
 from drivekd.evaluation.judge import JudgeConfig, JudgeResult, JudgeTask, public_config, run_judge
@@ -131,19 +131,6 @@ def read_test(path: str | Path) -> list[ChallengeQA]:
     return _walk(data, str(path))
 
 
-def to_pixels(text: str, size: tuple[int, int] = NUSCENES_SIZE) -> str:
-    """Our normalised tags (``<c1,CAM_BACK,0.6802,0.5528>``) back in the challenge's pixels, one decimal
-    (``<c1,CAM_BACK,1088.3,497.5>``); tags already in pixels (a coordinate above 1) are left as they are."""
-
-    def convert(m: re.Match[str]) -> str:
-        x, y = float(m.group(3)), float(m.group(4))
-        if x > 1.0 or y > 1.0:
-            return m.group(0)
-        return f"<{m.group(1)},{m.group(2)},{x * size[0]:.1f},{y * size[1]:.1f}>"
-
-    return rewrite_tags(text, convert)
-
-
 def read_challenge_predictions(path: str | Path, test: Sequence[ChallengeQA]) -> dict[str, str]:
     """Answers by challenge id from a challenge prediction file (``[{id, question, answer}]``, or a submission
     with them under ``results``) or from our predictions JSONL (our sample ids mapped, tags back in pixels)."""
@@ -160,7 +147,7 @@ def read_challenge_predictions(path: str | Path, test: Sequence[ChallengeQA]) ->
                 f"no prediction id is a question of the test file (first: {unknown[0]!r})",
                 hint="score predictions made on the DriveLM import of this test file",
             )
-        return {by_ours[k]: to_pixels(r.prediction) for k, r in records.items() if k in by_ours}
+        return {by_ours[k]: pixel_tags_in_text(r.prediction) for k, r in records.items() if k in by_ours}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as err:
