@@ -280,3 +280,30 @@ def test_bf16_checkpoints_load_in_bf16_and_resume_restores_the_fp32_weights_exac
     assert all(torch.equal(exact[n], final[n]) for n in final)
     rounded = resumed(without_master=True)  # from the bf16 folder alone the fp32 state is lost
     assert any(not torch.equal(rounded[n], final[n]) for n in final)
+
+
+def test_native_save_dtype_is_what_the_pretrained_config_declares(tmp_path):
+    from drivekd.training.checkpoint import resolve_save_dtype
+
+    pair = build_tiny_pair("qwen2_5_vl")
+    pair.student.to(torch.bfloat16).save_pretrained(tmp_path / "bf16-student")
+    assert resolve_save_dtype("native", str(tmp_path / "bf16-student"), "float32") == torch.bfloat16
+    assert (
+        resolve_save_dtype("native", "tiny", "float32") == torch.float32
+    )  # no pretrained config: model.dtype
+    assert resolve_save_dtype("float16", "tiny", "float32") == torch.float16
+
+
+def test_lora_adapters_saved_in_bf16_resume_in_exact_fp32(data, tmp_path):
+    common = ["distill.recipe=sft", "model.lora.r=4", "model.save_dtype=bfloat16", "optim.max_steps=1"]
+    trained = Trainer(_config(data, tmp_path, *common, "run.save_every=1"))
+    trained.train()
+    adapters = {
+        n: p.detach().clone() for n, p in trained.models.student.named_parameters() if p.requires_grad
+    }
+    assert all(p.dtype == torch.float32 for p in adapters.values())
+    assert master_weights(tmp_path / "checkpoint-1").keys() == adapters.keys()
+    resumed = Trainer(_config(data, tmp_path, *common, "run.resume=true"))
+    assert resumed.train().steps == 1  # restored at step 1, nothing left to train
+    restored = dict(resumed.models.student.named_parameters())
+    assert all(torch.equal(restored[n], p) for n, p in adapters.items())
