@@ -103,15 +103,31 @@ def test_step_benchmark_reports_every_variant():
     micro = step.StepBenchConfig(
         student=(32, 3, 2, 1, 64), teacher=(48, 4, 4, 2, 96), image_size=(112, 63), periods=1, refresh=2
     )
-    report = step.run(micro, variants=("sft", "none", "agp", "agp_amortised", "naive"))
-    assert set(report["ratios"]) == {"sft", "none", "agp", "agp_amortised", "naive"}
+    variants = (
+        "sft",
+        "none",
+        "agp",
+        "agp_amortised",
+        "naive",
+        "none_teacher",
+        "agp_teacher",
+        "agp_teacher_ckpt",
+        "naive_teacher",
+    )
+    report = step.run(micro, variants=variants)
+    assert set(report["ratios"]) == set(variants) and not report["not_measured"]
     for variant, ratio in report["ratios"].items():
         assert ratio["time_ratio"] > 0 and ratio["memory_ratio"] > 0, variant
     # Every variant measured the same steps (the same batches), the amortised one including its refresh.
     assert {len(r["step_seconds"]) for r in report["results"].values()} == {2}
     assert set(report["checks"]) == {
+        "plain_multi_time_vs_sft",
+        "plain_multi_memory_vs_sft",
         "agp_memory_vs_plain_multi",
         "agp_faster_than_naive",
         "amortised_time_vs_plain_multi",
+        "agp_teacher_memory_vs_plain_multi",
+        "agp_teacher_faster_than_naive",
+        "agp_teacher_ckpt_memory_vs_plain_multi",
     }
     assert report["setup"]["cache_bytes"] > 0

@@ -23,12 +23,11 @@ from drivekd.data.roles import TVIndex
 from drivekd.data.schema import read_jsonl
 from drivekd.data.synthetic import generate_split
 from drivekd.errors import DriveKDError
-from drivekd.gradients import agp
 from drivekd.models.pair import build_tiny_pair
 from drivekd.signals.live import LiveTeacher
 from drivekd.training.config import ConfigError, load_config
-from drivekd.training.objective import Objective, Term, window_counts
-from drivekd.training.recipes import Recipe, resolve_layers, student_plan, teacher_needs
+from drivekd.training.objective import Objective, TermValue
+from drivekd.training.recipes import build_recipe, resolve_layers
 from drivekd.training.trainer import Trainer, TrainingError
 
 QUIET = ["run.tensorboard=false", "run.resume=false", "run.save_every=1000"]
@@ -75,15 +74,15 @@ def test_layer_resolution_follows_the_paper_and_its_variants():
         resolve_layers(load_config(overrides=["layers.student.planning=4"]).layers, 4, 6)
 
 
-def test_window_normalisation_equals_one_large_batch(data):
-    """Terms of two micro-batches, normalised over the window, sum to the terms of their union as one batch."""
+@pytest.mark.parametrize("pooled", [False, True])
+def test_window_normalisation_equals_one_large_batch(data, pooled):
+    """Terms of two micro-batches, normalised over the window, sum to the terms of their union as one batch
+    (per capability, or pooled over all capabilities as with the mixed sampler)."""
     pair = build_tiny_pair("qwen2_5_vl")
     config = load_config()
-    recipe = Recipe.of(config.distill)
     layers = resolve_layers(config.layers, 4, 6)
-    objective = Objective(recipe, layers, config.distill)
+    objective = Objective(build_recipe(config.distill, layers, 4, 6).terms, pooled=pooled)
     teacher = LiveTeacher(pair.teacher)
-    needs = teacher_needs(recipe, layers, config.distill, 6, 4)
     samples = list(read_jsonl(data))
     picked = [next(s for s in samples if s.capability == c) for c in ("perception", "reasoning", "planning")]
     picked += [next(s for s in reversed(samples) if s.capability == c) for c in ("perception", "reasoning")]
@@ -94,28 +93,28 @@ def test_window_normalisation_equals_one_large_batch(data):
     teacher.model.double()
 
     def terms_of(batches):
-        window = window_counts(batches, recipe, config.distill)
+        for batch in batches:
+            batch.inputs["pixel_values"] = batch.inputs["pixel_values"].double()
+        indexed = [(batch, TVIndex.from_masks(batch.roles.text, batch.roles.vision)) for batch in batches]
+        window = objective.window(indexed)
         totals: Counter = Counter()
         from drivekd.capture.recorder import AttentionRecorder, use_capture_attention
 
         use_capture_attention(student)
-        for batch in batches:
-            batch.inputs["pixel_values"] = batch.inputs["pixel_values"].double()
-            index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
-            signals = teacher.signals(batch, index, needs)
-            with AttentionRecorder(student, student_plan(recipe, layers, config.distill), grad=True) as rec:
+        for batch, index in indexed:
+            signals = teacher.signals(batch, index, objective.needs)
+            with AttentionRecorder(student, objective.plan, grad=True) as rec:
                 rec.start(index)
                 out = student(**batch.inputs)
                 captured = rec.collect()
-            for term in objective.terms(
-                batch, index, out.logits, captured, dict.fromkeys(recipe.teachers, signals), window
-            ):
-                totals[term.name, term.capability] += float(term.value)
+            sources = dict.fromkeys(("perception", "reasoning", "planning"), signals)
+            for term in objective.values(batch, index, out.logits, sources, window, captured=captured):
+                totals[term.name if pooled else (term.name, term.capability)] += float(term.value)
         return totals
 
     split = terms_of([collate(picked[:3]), collate(picked[3:])])
     whole = terms_of([collate(picked)])
-    assert split.keys() == whole.keys() and len(split) == 12
+    assert split.keys() == whole.keys() and len(split) == (4 if pooled else 12)
     for key, value in whole.items():
         assert split[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
 
@@ -123,12 +122,12 @@ def test_window_normalisation_equals_one_large_batch(data):
 def test_eq17_coefficients_use_pi_and_weights(data, tmp_path):
     trainer = Trainer(_config(data, tmp_path, "gradients.method=none", "reweight.enabled=false"))
     terms = [
-        Term(n, c, torch.tensor(1.0))
+        TermValue(n, c, torch.tensor(1.0))
         for c in ("perception", "planning")
         for n in ("ce", "perception", "reasoning", "planning")
     ]
     weights = {"ce": 2.0, "perception": 3.0, "reasoning": 5.0, "planning": 7.0}
-    coefficients, _, _ = trainer._combine(terms, trainer._plan(terms, weights), None, weights)
+    coefficients, _ = trainer.coefficients(terms, trainer.plan_rows(terms, weights), None, weights)
     pi = trainer.config.distill.pi
     caps = ["perception", "reasoning", "planning"]
     expected = [
@@ -140,54 +139,23 @@ def test_eq17_coefficients_use_pi_and_weights(data, tmp_path):
     assert coefficients.tolist() == pytest.approx(expected)
 
 
-def test_agp_step_applies_the_explicit_agp_update(data, tmp_path):
-    """After one micro-step, .grad equals eq. 18-23 applied to explicit per-capability gradient vectors."""
-    config = _config(data, tmp_path, "model.dtype=float64", "optim.grad_accum=1", "reweight.enabled=false")
+@pytest.mark.parametrize(("grouping", "rows"), [("teacher", 4), ("capability", 2)])
+def test_the_gramian_backpropagates_one_row_per_basis_vector_of_a_capability(data, tmp_path, grouping, rows):
+    """The engine splits the projection rows by capability: the capability grouping's six rows (sup, distill per
+    capability) need two backpropagated rows, the teacher grouping's anchor and three followers four (their
+    exactness against explicit vectors: tests/test_training_methods.py)."""
+    sampler = "per_capability" if grouping == "capability" else "mixed"
+    config = _config(
+        data,
+        tmp_path,
+        "optim.grad_accum=1",
+        "reweight.enabled=false",
+        f"gradients.grouping={grouping}",
+        f"data.sampler={sampler}",
+    )
     trainer = Trainer(config)
-    batch = trainer.collate(trainer.sampler.next())
-    batch.inputs["pixel_values"] = batch.inputs["pixel_values"].double()
-    window = trainer._global_counts(window_counts([batch], trainer.recipe, config.distill))
-    generator_state = trainer.permutations.get_state()
-    weights = dict.fromkeys(trainer.recipe.loss_names, 1.0)
-    params = [p for p in trainer.models.student.parameters() if p.requires_grad]
-    result = trainer._micro_step(batch, window, refresh=True, weights=weights)
-    update = torch.cat([p.grad.flatten() for p in params])
-    # The engine split the six projection rows by capability: two backpropagated rows (sup, distill) carry them.
-    assert trainer.engine.backpropagated_rows == 2
-    # Explicit reference: per-term gradients from a plain forward, rows built by eq. 17, AGP on vectors.
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.engine = None
-    grads = {}
-    from drivekd.capture.recorder import AttentionRecorder
-
-    index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
-    teacher = trainer._teacher_signals(batch, index)
-    from drivekd.training.objective import logit_positions
-
-    positions = logit_positions(batch.labels)
-    with AttentionRecorder(trainer.models.student, trainer.plan, grad=True) as rec:
-        rec.start(index)
-        out = trainer.models.student(**batch.inputs, logits_to_keep=positions)
-        captured = rec.collect()
-    terms = trainer.objective.terms(batch, index, out.logits, captured, teacher, window, (), positions)
-    for term in terms:
-        g = torch.autograd.grad(term.value, params, retain_graph=True, allow_unused=True)
-        grads[term.name, term.capability] = torch.cat(
-            [(x if x is not None else torch.zeros_like(p)).flatten() for x, p in zip(g, params, strict=True)]
-        )
-    pi = config.distill.pi
-    caps = ["perception", "reasoning", "planning"]
-    sup = {c: grads["ce", c] for c in caps}
-    distill = {c: sum(pi[i][j] * grads[t, c] for j, t in enumerate(caps)) for i, c in enumerate(caps)}
-    order_generator = torch.Generator()
-    order_generator.set_state(generator_state)
-    order = [caps[i] for i in torch.randperm(3, generator=order_generator).tolist()]
-    expected = agp(sup, distill, order)
-    assert result["stats"].order == tuple(order)
-    # transformers' RMSNorm computes in float32 even in a float64 model, so one backward of sum_k c_k L_k and the
-    # combination of K separate backwards agree to float32 round-off only (measured 2e-8); the AGP mathematics
-    # itself agrees with the explicit vectors to 1e-16 (tests/test_gradients_*).
-    assert float((update - expected).norm() / expected.norm()) < 1e-6
+    trainer.accumulate(trainer.next_window())
+    assert trainer.engine.backpropagated_rows == rows
 
 
 def test_amortised_refresh_reuses_the_last_projection(data, tmp_path):
@@ -245,13 +213,13 @@ def test_nonfinite_steps_are_skipped_and_a_streak_stops_the_run(data, tmp_path, 
     )
     trainer = Trainer(config)
     before = {n: p.detach().clone() for n, p in trainer.models.student.named_parameters()}
-    real_terms = trainer.objective.terms
+    real_terms = trainer.objective.values
 
     def poisoned(*args, **kwargs):
         terms = real_terms(*args, **kwargs)
-        return [Term(t.name, t.capability, t.value * float("nan")) for t in terms]
+        return [TermValue(t.name, t.capability, t.value * float("nan")) for t in terms]
 
-    monkeypatch.setattr(trainer.objective, "terms", poisoned)
+    monkeypatch.setattr(trainer.objective, "values", poisoned)
     with pytest.raises(TrainingError, match="2 optimizer steps in a row had non-finite"):
         trainer.train()
     assert trainer.skipped == 2
@@ -453,7 +421,15 @@ def load_file_from_model(model: torch.nn.Module, folder: Path) -> dict[str, torc
     return load_file(folder / "model.safetensors")
 
 
-@pytest.mark.parametrize("name", ["internvl3-8b-to-1b", "qwen2.5-vl-7b-to-3b"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "internvl3-8b-to-1b",
+        "internvl3-8b-to-1b-reference",
+        "qwen2.5-vl-7b-to-3b",
+        "qwen2.5-vl-7b-to-3b-reference",
+    ],
+)
 def test_shipped_configs_load_with_the_paper_hyperparameters(name):
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
     assert (config.optim.lr, config.optim.grad_accum, config.optim.epochs, config.run.seed) == (
@@ -462,14 +438,33 @@ def test_shipped_configs_load_with_the_paper_hyperparameters(name):
         3,
         42,
     )
+    assert (config.optim.warmup_ratio, config.optim.min_lr_ratio, config.data.micro_batch) == (0.03, 0.01, 1)
     assert config.gradients.method == "agp" and config.distill.recipe == "multi"
+    # Both readings train the way the released code groups gradients, on the paper's batch, in working precision.
+    assert (config.gradients.grouping, config.data.sampler) == ("teacher", "mixed")
+    assert (config.model.dtype, config.optim.mixed_precision) == ("float32", "bf16")
+    reference = name.endswith("-reference")
+    mode = "reference" if reference else "paper"
+    assert (config.reweight.mode, config.distill.normalisation) == (mode, mode)
+    assert config.reweight.alpha == (0.0 if reference else 1.5)
+    assert config.reweight.bounds == ((1e-6, 1e6) if reference else (0.05, 20.0))
+    assert config.run.fsdp == name.startswith("qwen")  # a 3.75B fp32 student with AdamW needs two GPUs
 
 
-def test_training_from_the_cache_matches_the_live_teacher_without_a_teacher_in_memory(data, tmp_path):
+@pytest.mark.parametrize("normalisation", ["paper", "reference"])
+def test_training_from_the_cache_matches_the_live_teacher_without_a_teacher_in_memory(
+    data, tmp_path, normalisation
+):
     from drivekd.signals.cache import write_cache
     from drivekd.training.models import build_models
 
-    plain = ("optim.max_steps=2", "optim.grad_accum=1", "gradients.method=none", "reweight.enabled=false")
+    plain = (
+        "optim.max_steps=2",
+        "optim.grad_accum=1",
+        "gradients.method=none",
+        "reweight.enabled=false",
+        f"distill.normalisation={normalisation}",
+    )
     live_config = _config(data, tmp_path / "live", *plain)
     live = Trainer(live_config)
     teacher = live.models.sources["perception"]
@@ -481,11 +476,23 @@ def test_training_from_the_cache_matches_the_live_teacher_without_a_teacher_in_m
         list(read_jsonl(data)),
         collate,
         tmp_path / "cache",
-        needs=live.needs,
+        needs=live.objective.needs,
         batch_size=2,
         teacher_name="tiny",
         dtype=torch.float32,
+        tv_rows=live.config.distill.tv_rows,
     )
+    other = "paper" if normalisation == "reference" else "reference"
+    with pytest.raises(ValueError, match="rewrite the cache with drivekd cache-teacher --tv-rows"):
+        build_models(
+            _config(
+                data,
+                tmp_path / "x",
+                *plain,
+                f"distill.normalisation={other}",
+                f"model.cache={tmp_path / 'cache'}",
+            )
+        )
     cached_config = _config(data, tmp_path / "cached", *plain, f"model.cache={tmp_path / 'cache'}")
     models = build_models(cached_config)
     assert models.teacher_models == []  # nothing but signals read from disk
@@ -555,17 +562,19 @@ def test_fp16_training_scales_losses_and_overflows_do_not_stop_the_run(data, tmp
         "run.max_nonfinite_streak=0",
     )
     trainer = Trainer(config)
-    real_terms = trainer.objective.terms
+    real_terms = trainer.objective.values
     calls = {"n": 0}
 
     def overflow_once(*args, **kwargs):
         terms = real_terms(*args, **kwargs)
         calls["n"] += 1
         return (
-            [Term(t.name, t.capability, t.value * float("inf")) for t in terms] if calls["n"] == 1 else terms
+            [TermValue(t.name, t.capability, t.value * float("inf")) for t in terms]
+            if calls["n"] == 1
+            else terms
         )
 
-    monkeypatch.setattr(trainer.objective, "terms", overflow_once)
+    monkeypatch.setattr(trainer.objective, "values", overflow_once)
     log = trainer.train().log  # a streak limit of 0 would stop at once if the overflow counted
     assert log[0]["skipped_nonfinite"] == 1 and log[0]["loss_scale"] == 2.0**16
     assert log[1]["loss_scale"] == 2.0**15 and "skipped_nonfinite" not in log[1]
@@ -574,30 +583,39 @@ def test_fp16_training_scales_losses_and_overflows_do_not_stop_the_run(data, tmp
 
 @pytest.mark.parametrize("metric", ["mse", "cosine"])
 def test_terms_streamed_during_the_forward_equal_terms_built_after_it(data, tmp_path, metric):
-    """Every attention term built layer by layer (StreamedTerms) equals the one built from the collected maps."""
+    """Every attention term built layer by layer (LayerStream) equals the one built from the collected maps."""
     from drivekd.capture.recorder import AttentionRecorder
-    from drivekd.training.objective import logit_positions
+    from drivekd.training.terms import logit_positions
 
-    config = _config(data, tmp_path, "model.dtype=float64", f"distill.metric={metric}")
+    config = _config(
+        data, tmp_path, "model.dtype=float64", f"distill.metric={metric}", "data.sampler=per_capability"
+    )
     trainer = Trainer(config)
-    batch = trainer.collate(trainer.sampler.next())
+    batch = trainer.next_window()[0]
     batch.inputs["pixel_values"] = batch.inputs["pixel_values"].double()
-    index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
-    teacher = trainer._teacher_signals(batch, index)
-    window = window_counts([batch], trainer.recipe, config.distill)
+    index = trainer.index_of(batch)
+    teacher = trainer.teacher_signals(batch, index)
+    window = trainer.window_counts([batch])
     positions = logit_positions(batch.labels)
 
     def terms(streaming: bool) -> dict:
         streamed = trainer.objective.stream(batch, index, teacher) if streaming else None
-        with AttentionRecorder(trainer.models.student, trainer.plan, grad=True) as recorder:
+        with AttentionRecorder(trainer.models.student, trainer.objective.plan, grad=True) as recorder:
             recorder.start(index, consumer=streamed)
             out = trainer.models.student(**batch.inputs, logits_to_keep=positions)
             captured = recorder.collect()
-        built = trainer.objective.terms(
-            batch, index, out.logits, captured, teacher, window, (), positions, streamed
+        built = trainer.objective.values(
+            batch,
+            index,
+            out.logits,
+            teacher,
+            window,
+            captured=captured,
+            streamed=streamed,
+            logit_positions=positions,
         )
         if streaming:  # the attention terms really came from the stream
-            assert {(t.name, t.capability) for t in built if t.name != "ce"} == streamed.values.keys()
+            assert {(t.name, t.capability) for t in built if t.name != "ce"} == streamed.per_layer.keys()
         return {(t.name, t.capability): t.value for t in built}
 
     streamed, collected = terms(True), terms(False)
@@ -618,14 +636,13 @@ def test_gradient_checkpointing_falls_back_to_the_unsplit_gramian_with_the_same_
             "optim.grad_accum=1",
             "reweight.enabled=false",
             f"model.gradient_checkpointing={str(checkpointing).lower()}",
+            "gradients.grouping=capability",
+            "data.sampler=per_capability",
         )
         trainer = Trainer(config)
-        batch = trainer.collate(trainer.sampler.next())
+        batch = trainer.next_window()[0]
         batch.inputs["pixel_values"] = batch.inputs["pixel_values"].double()
-        window = trainer._global_counts(window_counts([batch], trainer.recipe, config.distill))
-        trainer._micro_step(
-            batch, window, refresh=True, weights=dict.fromkeys(trainer.recipe.loss_names, 1.0)
-        )
+        trainer.accumulate([batch], dict.fromkeys(trainer.recipe.names, 1.0))
         params = [p for p in trainer.models.student.parameters() if p.requires_grad]
         return torch.cat([p.grad.flatten() for p in params]), trainer.engine.backpropagated_rows
 

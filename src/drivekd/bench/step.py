@@ -1,15 +1,23 @@
 """`drivekd bench step`: the cost of a multi-teacher Drive-KD optimizer step, one fresh process per variant.
 
-Every variant runs full optimizer steps of the same student on the same micro-batches (one sample per capability,
-gradient accumulation 1) and is compared with a plain SFT step (CE only) measured in the same run:
+Every variant runs full optimizer steps of the same student. Capability grouping (one sample per capability in one
+micro-step, gradient accumulation 1) and teacher grouping (the mixed sampler: one sample per micro-step,
+accumulation 3, the same three samples per step for every teacher-grouping variant); both read the teacher from the
+cache unless marked live:
 
-* ``sft``: CE only; ``none``: the multi-teacher loss (eq. 17) with no projection;
+* ``sft``: CE only; ``none``: the multi-teacher loss (eq. 17) with no projection (capability grouping);
 * ``agp``: exact AGP in Gramian form (one vmapped backward for the Gramian, one backward of sum c_k L_k);
 * ``agp_amortised``: AGP whose coefficients are refreshed every ``refresh`` steps;
 * ``naive``: AGP from K flattened per-term gradient copies (K backward passes, explicit vectors);
-* ``agp_live``: exact AGP with the teacher run live instead of read from the cache (all others use the cache).
+* ``agp_live``: exact AGP with the teacher run live instead of read from the cache;
+* ``none_teacher``, ``agp_teacher``, ``agp_teacher_ckpt``: the teacher grouping's plain step, exact AGP, and exact
+  AGP under gradient checkpointing (the presets' setting);
+* ``naive_teacher``: the released code's algorithm as it runs it: per sample a live teacher forward per teacher,
+  K = 1 + teachers backward passes with the graph retained, K full gradient copies, AGP on the copies.
 
-Ratios are wall time and peak-memory growth of one step over the ``sft`` figures.
+Ratios are wall time and peak-memory growth of one step over the ``sft`` figures; ``checks`` compares each exact
+method with its grouping's plain step and naive reference. ``--size large`` is a student as large as the capture
+benchmark's (hidden 896, 24 layers, L >= 1200) with one warm-up and two measured steps.
 """
 
 from __future__ import annotations
@@ -21,12 +29,39 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
 from drivekd.bench.measure import measure
 from drivekd.bench.workers import ratios, run_variants
 
-VARIANTS = ("sft", "none", "agp", "agp_amortised", "naive", "agp_live")
+CAPABILITIES = ("perception", "reasoning", "planning")
+
+
+@dataclass(frozen=True)
+class Variant:
+    recipe: str = "multi"
+    method: str = "agp"
+    grouping: str = "capability"
+    amortised: bool = False
+    live: bool = False
+    checkpointing: bool = False
+    naive: bool = False
+
+
+VARIANT_SETTINGS = {
+    "sft": Variant(recipe="sft", method="none"),
+    "none": Variant(method="none"),
+    "agp": Variant(),
+    "agp_amortised": Variant(amortised=True),
+    "naive": Variant(method="none", naive=True),
+    "agp_live": Variant(live=True),
+    "none_teacher": Variant(method="none", grouping="teacher"),
+    "agp_teacher": Variant(grouping="teacher"),
+    "agp_teacher_ckpt": Variant(grouping="teacher", checkpointing=True),
+    "naive_teacher": Variant(method="none", grouping="teacher", naive=True, live=True),
+}
+VARIANTS = tuple(VARIANT_SETTINGS)
 
 
 @dataclass(frozen=True)
@@ -39,11 +74,23 @@ class StepBenchConfig:
     refresh: int = 8
     device: str = "cpu"
     dtype: str = "float32"
+    samples_per_capability: int | None = None  # cache only this many samples of each capability (large runs)
+    measured_steps: int | None = None  # measured steps when not periods x refresh (large runs)
 
 
 QUICK = StepBenchConfig(
     student=(64, 4, 4, 2, 128), teacher=(96, 6, 6, 2, 192), image_size=(224, 126), periods=1, refresh=2
 )
+# As large as the capture benchmark's decoder (Qwen2.5-0.5B-sized), L = 1193 + text >= 1200 with one 1008 x 784 view.
+LARGE = StepBenchConfig(
+    student=(896, 24, 14, 2, 4864),
+    teacher=(1024, 28, 16, 2, 2816),
+    image_size=(1008, 784),
+    refresh=8,
+    samples_per_capability=3,
+    measured_steps=2,
+)
+SIZES = {"quick": QUICK, "default": StepBenchConfig(), "large": LARGE}
 
 
 def _pair(cfg: StepBenchConfig) -> Any:
@@ -62,73 +109,58 @@ def _pair(cfg: StepBenchConfig) -> Any:
 def _trainer(variant: str, cfg: StepBenchConfig, workdir: Path) -> Any:
     from drivekd.data.schema import read_jsonl
     from drivekd.signals.cache import CachedTeacher
+    from drivekd.signals.live import LiveTeacher
     from drivekd.training.config import load_config
     from drivekd.training.models import Models
     from drivekd.training.trainer import Trainer
 
+    settings = VARIANT_SETTINGS[variant]
     pair = _pair(cfg)
     dtype = getattr(torch, cfg.dtype)
     student = pair.student.to(cfg.device, dtype).train()
     models = Models(pair.family, student, pair.student_processor)
-    recipe = "sft" if variant == "sft" else "multi"
-    if recipe == "multi":
-        if variant == "agp_live":
-            from drivekd.signals.live import LiveTeacher
-
-            source = LiveTeacher(pair.teacher.to(cfg.device, dtype).requires_grad_(False))
+    if settings.recipe == "multi":
+        if settings.live:
+            teacher = pair.teacher.to(cfg.device, dtype).requires_grad_(False)
+            # The released code runs the teacher once per teacher term: one source per capability.
+            count = 3 if settings.naive else 1
+            sources = [LiveTeacher(teacher) for _ in range(count)]
+            models.sources = {c: sources[k % count] for k, c in enumerate(CAPABILITIES)}
         else:
-            source = CachedTeacher(workdir / "cache")  # no teacher in memory
-        models.sources = dict.fromkeys(("perception", "reasoning", "planning"), source)
+            models.sources = dict.fromkeys(
+                CAPABILITIES, CachedTeacher(workdir / "cache")
+            )  # no teacher in memory
         models.teacher_depth = cfg.teacher[1]
     pair.teacher = None
-    method = {"none": "none", "naive": "none"}.get(variant, "agp")
+    teacher_grouping = settings.grouping == "teacher"
     overrides = [
         f"data.train={workdir / 'data' / 'train.jsonl'}",
         f"run.output_dir={workdir / variant}",
-        f"distill.recipe={recipe}",
-        "optim.grad_accum=1",
+        f"distill.recipe={settings.recipe}",
+        f"optim.grad_accum={3 if teacher_grouping else 1}",
+        f"data.sampler={'mixed' if teacher_grouping else 'per_capability'}",
+        f"gradients.grouping={settings.grouping}",
         "run.tensorboard=false",
         "run.resume=false",
         "reweight.enabled=false",
-        f"gradients.refresh_every={cfg.refresh if variant == 'agp_amortised' else 1}",
+        f"gradients.refresh_every={cfg.refresh if settings.amortised else 1}",
+        f"model.gradient_checkpointing={str(settings.checkpointing).lower()}",
     ]
-    if recipe == "multi":
-        overrides.append(f"gradients.method={method}")
+    if settings.recipe == "multi":
+        overrides.append(f"gradients.method={settings.method}")
     config = load_config(overrides=overrides)
     samples = list(read_jsonl(workdir / "data" / "train.jsonl"))
     return Trainer(config, samples=samples, models=models)
 
 
-def _naive_step(trainer: Any) -> None:
-    """AGP from explicit per-term gradients: K backward passes, K flattened copies, then the vector algorithm."""
-    from drivekd.capture.recorder import AttentionRecorder
-    from drivekd.data.roles import TVIndex
-    from drivekd.gradients import agp, stage2_order
-    from drivekd.training.objective import logit_positions, window_counts
+def _flat_grads(value: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """One backward with the graph kept, and a full flattened copy of the gradient (what the naive code holds)."""
+    grads = torch.autograd.grad(value, params, retain_graph=True, materialize_grads=True)
+    return torch.cat([g.flatten() for g in grads])
 
-    batch = trainer.collate(trainer.sampler.next()).to(trainer.device)
-    window = window_counts([batch], trainer.recipe, trainer.config.distill)
-    index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
-    teacher = trainer._teacher_signals(batch, index)
-    positions = logit_positions(batch.labels)
+
+def _apply(trainer: Any, update: torch.Tensor) -> None:
     params = [p for p in trainer.models.student.parameters() if p.requires_grad]
-    trainer.optimizer.zero_grad(set_to_none=True)
-    with AttentionRecorder(trainer.models.student, trainer.plan, grad=True) as recorder:
-        recorder.start(index)
-        out = trainer.models.student(**batch.inputs, logits_to_keep=positions)
-        captured = recorder.collect()
-    terms = trainer.objective.terms(batch, index, out.logits, captured, teacher, window, (), positions)
-    flat = {}
-    for term in terms:
-        grads = torch.autograd.grad(term.value, params, retain_graph=True, materialize_grads=True)
-        flat[term.name, term.capability] = torch.cat([g.flatten() for g in grads])
-    capabilities = ("perception", "reasoning", "planning")
-    pi = trainer.config.distill.pi
-    sup = {c: flat["ce", c] for c in capabilities}
-    distill = {
-        c: sum(pi[i][j] * flat[t, c] for j, t in enumerate(capabilities)) for i, c in enumerate(capabilities)
-    }
-    update = agp(sup, distill, stage2_order(trainer.permutations, capabilities))
     offset = 0
     for p in params:
         p.grad = update[offset : offset + p.numel()].view_as(p).clone()
@@ -136,17 +168,71 @@ def _naive_step(trainer: Any) -> None:
     trainer.optimizer.step()
 
 
+def _naive_step(trainer: Any) -> None:
+    """Capability-grouped AGP from explicit per-term gradients: K backward passes, K flattened copies."""
+    from drivekd.gradients import agp, stage2_order
+
+    batches = trainer.next_window()
+    window = trainer.window_counts(batches)
+    params = [p for p in trainer.models.student.parameters() if p.requires_grad]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    terms = trainer.forward_terms(batches[0], window)
+    flat = {(t.name, t.capability): _flat_grads(t.value, params) for t in terms}
+    pi = trainer.config.distill.pi
+    sup = {c: flat["ce", c] for c in CAPABILITIES}
+    distill = {
+        c: sum(pi[i][j] * flat[t, c] for j, t in enumerate(CAPABILITIES)) for i, c in enumerate(CAPABILITIES)
+    }
+    _apply(trainer, agp(sup, distill, stage2_order(trainer.permutations, CAPABILITIES)))
+
+
+def _naive_teacher_step(trainer: Any) -> None:
+    """The released code's step: per sample (micro-step) a live teacher forward per teacher, 1 + teachers
+    backward passes with the graph retained, as many full gradient copies, AGP of the teacher grouping on them; the
+    projected updates accumulated over the window."""
+    from drivekd.gradients import agp_teacher_grouped, stage2_order
+
+    batches = trainer.next_window()
+    window = trainer.window_counts(batches)
+    params = [p for p in trainer.models.student.parameters() if p.requires_grad]
+    trainer.optimizer.zero_grad(set_to_none=True)
+    pi = trainer.config.distill.pi
+    total = None
+    for batch in batches:
+        terms = trainer.forward_terms(batch, window)
+        flat = {t.name: _flat_grads(t.value, params) for t in terms}
+        row = CAPABILITIES.index(terms[0].capability)  # one sample: one capability
+        followers = {t: pi[row][j] * flat[t] for j, t in enumerate(CAPABILITIES)}
+        update = agp_teacher_grouped(flat["ce"], followers, stage2_order(trainer.permutations, CAPABILITIES))
+        total = update if total is None else total + update
+    _apply(trainer, total)
+
+
+def _naive_fits(trainer: Any) -> bool:
+    """Whether K full gradient copies (and the vector algorithm's temporaries) fit in the free memory."""
+    params = sum(p.numel() * p.element_size() for p in trainer.models.student.parameters() if p.requires_grad)
+    return 2 * 4 * params < psutil.virtual_memory().available
+
+
 def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
-    """Every variant measures the same ``periods x refresh`` optimizer steps, so all see the same batches.
+    """Every variant measures the same optimizer steps, so all variants of a grouping see the same batches.
 
     Batches differ in cost (answer lengths, kept logit positions), so comparing variants on different steps would
     compare batches, not methods; the amortised variant refreshes its coefficients on one step of every period.
     """
     torch.manual_seed(0)
     trainer = _trainer(variant, cfg, workdir)
-    step = (lambda: _naive_step(trainer)) if variant == "naive" else trainer._optimizer_step
-    step()  # warm-up (a refresh step for agp_amortised, so the measured periods each hold one refresh)
-    results = [measure(step, trainer.device) for _ in range(cfg.periods * cfg.refresh)]
+    settings = VARIANT_SETTINGS[variant]
+    if settings.naive and not _naive_fits(trainer):
+        return {"variant": variant, "measurable": False, "why": "K full gradient copies do not fit in memory"}
+    if settings.naive:
+        step = _naive_teacher_step if settings.grouping == "teacher" else _naive_step
+        work = lambda: step(trainer)  # noqa: E731
+    else:
+        work = trainer.train_step
+    work()  # warm-up (a refresh step for agp_amortised, so the measured periods each hold one refresh)
+    count = cfg.measured_steps or cfg.periods * cfg.refresh
+    results = [measure(work, trainer.device) for _ in range(count)]
     return {
         "variant": variant,
         "seconds": sum(r.seconds for r in results) / len(results),
@@ -158,19 +244,27 @@ def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, A
 def prepare(cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
     """Synthetic data and the teacher-signal cache shared by the worker processes."""
     from drivekd.data.collate import VLMCollator
-    from drivekd.data.schema import read_jsonl
+    from drivekd.data.schema import read_jsonl, write_jsonl
     from drivekd.data.synthetic import generate_split
     from drivekd.signals.cache import write_cache
     from drivekd.training.config import load_config
-    from drivekd.training.recipes import Recipe, resolve_layers, teacher_needs
+    from drivekd.training.objective import Objective
+    from drivekd.training.recipes import build_recipe, resolve_layers
 
     split = generate_split(workdir / "data", n_scenes=4, seed=0, views="single", image_size=cfg.image_size)
     samples = list(read_jsonl(split.path))
+    if cfg.samples_per_capability is not None:  # a large run caches (and trains on) only what it measures
+        samples = [
+            s
+            for c in CAPABILITIES
+            for s in [x for x in samples if x.capability == c][: cfg.samples_per_capability]
+        ]
+        write_jsonl(samples, split.path)
     pair = _pair(cfg)
     config = load_config()
     s_depth, t_depth = cfg.student[1], cfg.teacher[1]
     layers = resolve_layers(config.layers, s_depth, t_depth)
-    needs = teacher_needs(Recipe.of(config.distill), layers, config.distill, t_depth, s_depth)
+    needs = Objective(build_recipe(config.distill, layers, s_depth, t_depth).terms).needs
     collate = VLMCollator(
         pair.teacher_processor, pair.family.image_token_id(pair.teacher), image_root=split.path.parent
     )
@@ -193,32 +287,61 @@ def prepare(cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
     }
 
 
+def _checks(results: dict[str, dict[str, Any]], cfg: StepBenchConfig) -> dict[str, Any]:
+    """The targets: exact AGP vs its grouping's plain step and naive reference, amortised AGP, plain vs SFT."""
+
+    def have(*names: str) -> bool:
+        return all(n in results and results[n].get("measurable", True) for n in names)
+
+    def memory(a: str, b: str) -> float:
+        return results[a]["peak_bytes"] / results[b]["peak_bytes"]
+
+    def time(a: str, b: str) -> float:
+        return results[a]["seconds"] / results[b]["seconds"]
+
+    checks: dict[str, Any] = {}
+    if have("none", "sft"):
+        checks["plain_multi_time_vs_sft"] = time("none", "sft")
+        checks["plain_multi_memory_vs_sft"] = memory("none", "sft")
+    if have("agp", "none"):
+        checks["agp_memory_vs_plain_multi"] = memory("agp", "none")
+    if have("agp", "naive"):
+        checks["agp_faster_than_naive"] = results["agp"]["seconds"] < results["naive"]["seconds"]
+    if have("agp_amortised", "none"):
+        checks["amortised_time_vs_plain_multi"] = time("agp_amortised", "none")
+    if have("agp_teacher", "none_teacher"):
+        checks["agp_teacher_memory_vs_plain_multi"] = memory("agp_teacher", "none_teacher")
+    if have("agp_teacher", "naive_teacher"):
+        checks["agp_teacher_faster_than_naive"] = (
+            results["agp_teacher"]["seconds"] < results["naive_teacher"]["seconds"]
+        )
+    if have("agp_teacher_ckpt", "none_teacher"):
+        checks["agp_teacher_ckpt_memory_vs_plain_multi"] = memory("agp_teacher_ckpt", "none_teacher")
+    return checks
+
+
 def run(cfg: StepBenchConfig, variants: tuple[str, ...] = VARIANTS) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="drivekd-bench-step-") as tmp:
         workdir = Path(tmp)
         setup = prepare(cfg, workdir)
         results = run_variants("drivekd.bench.step", variants, json.dumps(asdict(cfg)), str(workdir))
-    checks = {}
-    if {"none", "agp", "naive", "agp_amortised"} <= results.keys():
-        plain = results["none"]
-        checks = {
-            "agp_memory_vs_plain_multi": results["agp"]["peak_bytes"] / plain["peak_bytes"],
-            "agp_faster_than_naive": results["agp"]["seconds"] < results["naive"]["seconds"],
-            "amortised_time_vs_plain_multi": results["agp_amortised"]["seconds"] / plain["seconds"],
-        }
+    measured = {v: r for v, r in results.items() if r.get("measurable", True)}
     return {
         "config": asdict(cfg),
         "setup": setup,
         "results": results,
-        "ratios": ratios(results),
-        "checks": checks,
+        "ratios": ratios(measured),
+        "checks": _checks(results, cfg),
+        "not_measured": {v: r["why"] for v, r in results.items() if not r.get("measurable", True)},
         "torch": torch.__version__,
     }
 
 
-def config_for(quick: bool, **overrides: Any) -> StepBenchConfig:
-    cfg = QUICK if quick else StepBenchConfig()
-    return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+def config_for(size: str, **overrides: Any) -> StepBenchConfig:
+    """The config of ``size`` (quick | default | large) with the given overrides."""
+    if size not in SIZES:
+        raise ValueError(f"--size must be one of {', '.join(SIZES)}, got {size!r}")
+    return replace(SIZES[size], **{k: v for k, v in overrides.items() if v is not None})
 
 
 if __name__ == "__main__":

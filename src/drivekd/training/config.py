@@ -14,9 +14,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from drivekd.data.roles import TVRows
 from drivekd.data.schema import CAPABILITIES, Capability
 from drivekd.errors import DriveKDError
 from drivekd.gradients.mixing import DEFAULT_PI
+from drivekd.training.precision import low_precision_message
 
 
 class ConfigError(DriveKDError):
@@ -41,15 +43,23 @@ class ModelConfig(_Section):
     teachers: dict[Capability, str] | None = None  # or distinct teacher models per capability
     cache: str | None = None  # a teacher-signal cache folder (drivekd cache-teacher); no teacher in memory
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    # live teachers' weights (frozen, no optimizer state); default: model.dtype
+    teacher_dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None
     gradient_checkpointing: bool = False
     lora: LoraConfig | None = None
+    # dtype of the HF folder in each checkpoint (what transformers/vLLM load); native: what the pretrained
+    # checkpoint's config declares, else model.dtype. Resume restores the exact working weights either way.
+    save_dtype: Literal["native", "float32", "bfloat16", "float16"] = "native"
 
 
 class DataConfig(_Section):
     train: str = ""
     image_root: str | None = None  # default: the JSONL's folder
     padding_side: Literal["left", "right"] = "right"
-    micro_batch: int = Field(1, ge=1)  # samples per capability in one micro-step
+    # mixed: a micro-step holds micro_batch samples drawn from the whole set (appendix D.1's batch);
+    # per_capability: micro_batch samples of every capability (needed by gradients.grouping=capability).
+    sampler: Literal["mixed", "per_capability"] = "mixed"
+    micro_batch: int = Field(1, ge=1)  # samples per micro-step (mixed) or per capability (per_capability)
     capabilities: list[Capability] | None = None  # default: the recipe's
 
 
@@ -75,6 +85,19 @@ class DistillConfig(_Section):
     pi: list[list[float]] = Field(default_factory=lambda: [list(row) for row in DEFAULT_PI])  # eq. 26
     kl_temperature: float = Field(1.0, gt=0)
     hidden_layer: Literal["1", "mid", "pen"] = "1"
+    # paper: t-v rows over the text tokens T_b, full-map MSE over the keys a query may attend (eqs. 11-12);
+    # reference: the released code's t-v rows over every non-image token and full-map MSE over all keys.
+    normalisation: Literal["paper", "reference"] = "paper"
+
+    @property
+    def tv_rows(self) -> TVRows:
+        """The text queries of t-v blocks this normalisation reads (``TVIndex.of_roles``)."""
+        return "non_image" if self.normalisation == "reference" else "text"
+
+    @field_validator("hidden_layer", mode="before")
+    @classmethod
+    def _layer_name(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, int) else value  # `hidden_layer: 1` reads as an int
 
     @field_validator("pi")
     @classmethod
@@ -86,16 +109,40 @@ class DistillConfig(_Section):
 
 class GradientConfig(_Section):
     method: Literal["none", "g1", "g2", "agp"] | None = None  # default: agp for multi, none otherwise
+    # teacher: per micro-step one CE anchor and one follower per teacher term (the released code's reading);
+    # capability: per-capability anchors and followers, stage 2 across capabilities (docs/gradients.md).
+    grouping: Literal["teacher", "capability"] = "teacher"
+    # per_follower: each merged gradient is g_sup + f_k' (CE enters once per follower, as released);
+    # once: g_sup / K + f_k', so that without conflicts AGP equals no projection (teacher grouping only).
+    anchor_share: Literal["per_follower", "once"] = "per_follower"
     refresh_every: int = Field(1, ge=1)  # recompute the projection coefficients every N steps (1 = exact)
     eps: float = 1e-20
 
 
+REWEIGHT_DEFAULTS = {
+    "paper": {"alpha": 1.5, "bounds": (0.05, 20.0)},
+    "reference": {"alpha": 0.0, "bounds": (1e-6, 1e6)},
+}
+
+
 class ReweightConfig(_Section):
     enabled: bool = True
+    # paper: eq. 25 as written (appendix B.1); reference: the released code's update rule (docs/training.md).
+    mode: Literal["paper", "reference"] = "paper"
     lr: float = 3e-4
-    alpha: float = 1.5
+    alpha: float | None = Field(None, ge=0)  # default: 1.5 (paper), 0 (reference)
     ratios: dict[str, float] = Field(default_factory=dict)  # static p_i per weight name; default 1
-    bounds: tuple[float, float] = (0.05, 20.0)
+    bounds: tuple[float, float] | None = None  # default: (0.05, 20) (paper), (1e-6, 1e6) (reference)
+    min_ce_weight: float = Field(0.6, ge=0)  # reference mode: the CE weight is kept >= this
+
+    @model_validator(mode="after")
+    def _mode_defaults(self) -> ReweightConfig:
+        defaults = REWEIGHT_DEFAULTS[self.mode]
+        if self.alpha is None:
+            self.alpha = defaults["alpha"]
+        if self.bounds is None:
+            self.bounds = defaults["bounds"]
+        return self
 
 
 class OptimConfig(_Section):
@@ -108,6 +155,7 @@ class OptimConfig(_Section):
     grad_accum: int = Field(4, ge=1)
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; fp16 adds dynamic loss scaling
+    allow_low_precision_weights: bool = False  # let AdamW train bf16/fp16 weights (no fp32 master copy)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -145,11 +193,36 @@ class TrainConfig(_Section):
             self.gradients.method = "agp" if multi else "none"
         elif self.gradients.method in ("g2", "agp") and not multi:
             raise ValueError(f"gradients.method={self.gradients.method} needs distill.recipe=multi")
+        recipe = self.distill.recipe
+        if self.gradients.method == "g1" and recipe in ("sft", "kl", "hidden"):
+            raise ValueError(f"gradients.method=g1 projects teacher terms; distill.recipe={recipe} has none")
+        if self.gradients.grouping == "capability" and self.data.sampler != "per_capability":
+            raise ValueError(
+                "gradients.grouping=capability needs data.sampler=per_capability (every micro-step must hold "
+                "samples of every capability)"
+            )
         no_teacher = self.model.teacher is None and self.model.teachers is None and self.model.cache is None
-        if no_teacher and self.distill.recipe != "sft":
+        if no_teacher and recipe != "sft":
             raise ValueError("model.teacher, model.teachers or model.cache is needed for distillation")
+        if self.model.cache is not None and recipe in ("kl", "hidden"):
+            raise ValueError(
+                f"distill.recipe={recipe} needs teacher {'logits' if recipe == 'kl' else 'hidden states'}, which a "
+                "teacher-signal cache does not hold (attention maps only): give model.teacher instead of model.cache"
+            )
         if self.run.fsdp and self.model.lora is not None:
             raise ValueError("run.fsdp with model.lora is not supported; train LoRA students data-parallel")
+        return self
+
+    @property
+    def pooled_window(self) -> bool:
+        """Whether window normalisers pool all capabilities (the mixed sampler's mean over the window)."""
+        return self.data.sampler == "mixed"
+
+    @model_validator(mode="after")
+    def _trainable_precision(self) -> TrainConfig:
+        low = self.model.dtype in ("bfloat16", "float16") and self.model.lora is None
+        if low and not self.optim.allow_low_precision_weights:
+            raise ValueError(low_precision_message(f"model.dtype={self.model.dtype} without model.lora"))
         return self
 
     @property

@@ -48,7 +48,8 @@ def _load(
             if role == "teacher"
             else (tiny.student, tiny.student_processor)
         )
-    return family.load(name, dtype=_dtype(config.model.dtype))
+    dtype = config.model.teacher_dtype if role == "teacher" else None
+    return family.load(name, dtype=_dtype(dtype or config.model.dtype))
 
 
 def build_models(config: TrainConfig, device: torch.device | str | None = None) -> Models:
@@ -84,6 +85,13 @@ def build_models(config: TrainConfig, device: torch.device | str | None = None) 
         from drivekd.signals.cache import CachedTeacher
 
         source = CachedTeacher(config.model.cache)
+        rows = config.distill.tv_rows
+        if source.index.tv_rows != rows:
+            raise ValueError(
+                f"teacher cache {config.model.cache} holds t-v blocks over tv_rows={source.index.tv_rows!r} but "
+                f"distill.normalisation={config.distill.normalisation} reads tv_rows={rows!r}: rewrite the cache "
+                f"with drivekd cache-teacher --tv-rows {rows}, or train with the normalisation it was made for"
+            )
         models.sources = dict.fromkeys(names, source)
         models.teacher_depth = getattr(source, "num_layers", None)
         return models
@@ -93,7 +101,8 @@ def build_models(config: TrainConfig, device: torch.device | str | None = None) 
         path = paths["reasoning"] if name == "base" else paths[name]
         if path not in loaded:
             model, _ = _load(family, path, config, tiny, "teacher")
-            model = model.to(device=device, dtype=_dtype(config.model.dtype)).eval().requires_grad_(False)
+            dtype = _dtype(config.model.teacher_dtype or config.model.dtype)
+            model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
             loaded[path] = LiveTeacher(model)
             models.teacher_models.append(model)
         models.sources[name] = loaded[path]

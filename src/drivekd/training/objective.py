@@ -1,10 +1,12 @@
-"""The atomic loss terms of one micro-batch: CE per capability (eq. 9) and each teacher's term per capability.
+"""The objective of a micro-batch: the value of every term of the recipe on every capability's rows.
 
-A micro-batch holds samples of several capabilities in one forward; the term of capability c uses c's rows. Every
-term is normalised over the whole gradient-accumulation window, exactly as one large batch would be: a loss that is
-a mean over N items of the micro-batch is rescaled by N / N_window, so summing the window's gradients gives the
-gradient of the window's mean (CE: answer tokens; full maps: valid queries; t-v blocks: samples with text and vision
-tokens; hidden states: valid tokens; KL: answer tokens).
+A micro-batch may hold samples of several capabilities in one forward; the value of term t on capability c uses
+c's rows (``TermValue(t, c, value)``, the atomic terms the Gramian and the projections act on). Every value is
+normalised over the whole gradient-accumulation window, exactly as one large batch would be: a term that is a mean
+over N items of the micro-batch (its :data:`~drivekd.training.terms.Unit`) is rescaled by N / N_window, so summing
+the window's gradients gives the gradient of the window's mean. The window's totals are kept per (term,
+capability) (``pooled=False``: each capability's mean, for the per-capability sampler) or per term over all
+capabilities (``pooled=True``: the mean over the window's samples, for the mixed sampler).
 """
 
 from __future__ import annotations
@@ -14,51 +16,23 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
-from drivekd.capture.recorder import CapturedAttention
-from drivekd.data.collate import IGNORE_INDEX, Batch
+from drivekd.capture.recorder import CapturedAttention, CapturePlan
+from drivekd.data.collate import Batch
 from drivekd.data.roles import TVIndex
-from drivekd.losses import (
-    answer_kl,
-    full_attention_cosine,
-    full_attention_mse,
-    group_targets,
-    grouped_hidden_mse,
-    supervised_loss,
-    text_to_vision_cosine_blocks,
-    text_to_vision_mse_blocks,
-)
-from drivekd.signals.types import TeacherSignals
-from drivekd.training.config import DistillConfig
-from drivekd.training.recipes import Layers, Recipe, signal_kind
+from drivekd.signals.types import SignalNeeds, TeacherSignals
+from drivekd.training.terms import AttentionTerm, Rows, Term, kept_labels, unit_count
+
+POOLED = "*"  # the capability key of pooled window totals
 
 
 @dataclass(frozen=True)
-class Term:
-    """One atomic loss: ``name`` is "ce", a teacher name, "kl" or "hidden"; ``capability`` its batch rows."""
+class TermValue:
+    """One atomic loss: term ``name`` on the rows of ``capability``, window-normalised."""
 
     name: str
     capability: str
     value: torch.Tensor
-
-
-def _unit(name: str, kind: str) -> str:
-    """What a term averages over (the normaliser kept across the accumulation window)."""
-    if name in ("ce", "kl"):
-        return "answer_tokens"
-    if name == "hidden":
-        return "tokens"
-    return "queries" if kind == "full" else "tv_samples"
-
-
-def _count(unit: str, batch: Batch, index: TVIndex, rows: torch.Tensor) -> int:
-    if unit == "answer_tokens":
-        return int((batch.labels[rows][:, 1:] != IGNORE_INDEX).sum())
-    if unit in ("tokens", "queries"):
-        return int(batch.roles.valid[rows].sum())
-    picked = index.select(rows)
-    return int(((picked.text_count > 0) & (picked.vision_count > 0)).sum())
 
 
 def capability_rows(batch: Batch) -> dict[str, torch.Tensor]:
@@ -68,157 +42,119 @@ def capability_rows(batch: Batch) -> dict[str, torch.Tensor]:
     return {c: torch.tensor(r, device=batch.labels.device) for c, r in rows.items()}
 
 
-def term_units(recipe: Recipe, config: DistillConfig) -> dict[str, str]:
-    units = {"ce": _unit("ce", "")}
-    units.update({t: _unit(t, signal_kind(config, t)) for t in recipe.teachers})
-    if recipe.kl:
-        units["kl"] = _unit("kl", "")
-    if recipe.hidden:
-        units["hidden"] = _unit("hidden", "")
-    return units
-
-
-def window_counts(
-    batches: Sequence[Batch], recipe: Recipe, config: DistillConfig
-) -> Counter[tuple[str, str]]:
-    """Normalisers of every (term, capability) over an accumulation window of micro-batches."""
-    totals: Counter[tuple[str, str]] = Counter()
-    units = term_units(recipe, config)
-    for batch in batches:
-        index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
-        for capability, rows in capability_rows(batch).items():
-            for name, unit in units.items():
-                totals[name, capability] += _count(unit, batch, index, rows)
-    return totals
-
-
 class Objective:
-    """Builds the atomic terms of a micro-batch from the student's outputs and the teacher's signals."""
+    """The terms of a recipe, what they need, and their window-normalised values on a micro-batch."""
 
-    def __init__(
-        self,
-        recipe: Recipe,
-        layers: Layers,
-        config: DistillConfig,
-        projectors: nn.ModuleList | None = None,
-        hidden_pairs: Sequence[tuple[int, list[int]]] = (),
-    ) -> None:
-        self.recipe, self.layers, self.config = recipe, layers, config
-        self.projectors = projectors
-        self.hidden_pairs = list(hidden_pairs)
-        self.units = term_units(recipe, config)
+    def __init__(self, terms: Sequence[Term], *, pooled: bool = False, chunk_size: int = 256) -> None:
+        names = [t.name for t in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"term names must be distinct, got {names}")
+        self.terms = tuple(terms)
+        self.pooled = pooled
+        self.attention = tuple(t for t in terms if isinstance(t, AttentionTerm))
+        tv = {k for t in self.attention if t.kind == "tv" for k in t.student_layers}
+        full = {k for t in self.attention if t.kind == "full" for k in t.student_layers}
+        self.plan = CapturePlan.of(tv=tv, full=full, chunk_size=chunk_size)
+        self.needs = SignalNeeds()
+        for term in terms:
+            self.needs = self.needs | term.needs()
+        self.student_hidden = any(t.student_hidden for t in terms)
 
-    def terms(
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.terms)
+
+    def _key(self, name: str, capability: str) -> tuple[str, str]:
+        return (name, POOLED if self.pooled else capability)
+
+    def window(self, batches: Sequence[tuple[Batch, TVIndex]]) -> Counter[tuple[str, str]]:
+        """Normalisers of every term over an accumulation window of (micro-batch, its TVIndex)."""
+        totals: Counter[tuple[str, str]] = Counter()
+        for batch, index in batches:
+            for capability, rows in capability_rows(batch).items():
+                picked = Rows(capability, rows, batch, index.select(rows))
+                for term in self.terms:
+                    totals[self._key(term.name, capability)] += unit_count(term.unit, picked)
+        return totals
+
+    def stream(self, batch: Batch, index: TVIndex, teacher: Mapping[str, TeacherSignals]) -> LayerStream:
+        """A map consumer for :class:`AttentionRecorder` that builds the attention terms as the forward runs."""
+        return LayerStream(self.attention, batch, index, teacher)
+
+    def values(
         self,
         batch: Batch,
         index: TVIndex,
         logits: torch.Tensor,
-        captured: CapturedAttention,
         teacher: Mapping[str, TeacherSignals],
         window: Counter[tuple[str, str]],
-        student_hidden: Sequence[torch.Tensor] = (),
+        *,
+        captured: CapturedAttention | None = None,
+        streamed: LayerStream | None = None,
+        hidden: Sequence[torch.Tensor] = (),
         logit_positions: torch.Tensor | None = None,
-        streamed: StreamedTerms | None = None,
-    ) -> list[Term]:
-        """``teacher`` maps each teacher name (or "base" for the KL / hidden baselines) to its signals.
+    ) -> list[TermValue]:
+        """Every term on every capability's rows, window-normalised.
 
-        ``index`` is the batch's ``TVIndex.from_masks(roles.text, roles.vision)``, the one the attention was captured
-        with. ``logits`` may cover only ``logit_positions`` (from :func:`logit_positions`) to save memory.
-        ``streamed``: the attention terms already built during the forward (:meth:`stream`); without it they are
-        built here from ``captured``, by the same code.
+        ``index`` is the TVIndex the attention was captured with. ``logits`` may cover only ``logit_positions``.
+        The attention terms come from ``streamed`` (built during the forward) or, without it, from ``captured``
+        through the same code.
         """
-        if streamed is None and self.recipe.teachers:
+        if streamed is None and self.attention:
+            if captured is None:
+                raise ValueError("attention terms need the captured maps or a stream")
             streamed = self.stream(batch, index, teacher)
             streamed.feed(captured)
         labels = batch.labels if logit_positions is None else kept_labels(batch.labels, logit_positions)
-        terms = []
+        out = []
         for capability, rows in capability_rows(batch).items():
-            values = {"ce": supervised_loss(logits[rows], labels[rows])}
-            for name in self.recipe.teachers:
-                values[name] = streamed.values[name, capability]
-            if self.recipe.kl:
-                teacher_logits = teacher["base"].logits[rows]
-                if logit_positions is not None:
-                    teacher_logits = teacher_logits[:, logit_positions]
-                values["kl"] = answer_kl(
-                    logits[rows], teacher_logits, labels[rows], self.config.kl_temperature
+            picked = Rows(
+                capability, rows, batch, index.select(rows), logits[rows], labels[rows], teacher, hidden
+            )
+            for term in self.terms:
+                value = (
+                    streamed.value(term.name, capability)
+                    if isinstance(term, AttentionTerm)
+                    else term.value(picked)
                 )
-            if self.recipe.hidden:
-                values["hidden"] = self._hidden(rows, batch, teacher["base"], student_hidden)
-            for name, value in values.items():
-                local = _count(self.units[name], batch, index, rows)
-                total = window[name, capability]
-                terms.append(Term(name, capability, value * (local / total) if total else value * 0))
-        return terms
-
-    def _targets(self, name: str, rows: torch.Tensor, teacher: TeacherSignals) -> list[torch.Tensor]:
-        """Teacher targets on ``rows``, one per student layer (sliding teacher-layer groups averaged)."""
-        signals = teacher.tv if signal_kind(self.config, name) == "tv" else teacher.full
-        return group_targets({k: t[rows] for k, t in signals.items()}, self.layers.teacher[name])
-
-    def _layer_loss(
-        self, kind: str, student: torch.Tensor, target: torch.Tensor, picked: TVIndex, valid: torch.Tensor
-    ) -> torch.Tensor:
-        cosine = self.config.metric == "cosine"
-        if kind == "tv":
-            loss = text_to_vision_cosine_blocks if cosine else text_to_vision_mse_blocks
-            return loss(student, target, picked)
-        if cosine:
-            return full_attention_cosine([student], [target], valid)
-        return full_attention_mse(student, target, valid)
-
-    def stream(self, batch: Batch, index: TVIndex, teacher: Mapping[str, TeacherSignals]) -> StreamedTerms:
-        """A map consumer for :class:`AttentionRecorder` that builds the attention terms as the forward runs."""
-        return StreamedTerms(self, batch, index, teacher)
-
-    def _hidden(
-        self,
-        rows: torch.Tensor,
-        batch: Batch,
-        teacher: TeacherSignals,
-        student_hidden: Sequence[torch.Tensor],
-    ) -> torch.Tensor:
-        groups = [group for _, group in self.hidden_pairs]
-        targets = group_targets({k: t[rows] for k, t in teacher.hidden.items()}, groups)
-        students = [student_hidden[layer][rows] for layer, _ in self.hidden_pairs]
-        return grouped_hidden_mse(students, targets, batch.roles.valid[rows], list(self.projectors))
+                local = unit_count(term.unit, picked)
+                total = window[self._key(term.name, capability)]
+                out.append(TermValue(term.name, capability, value * (local / total) if total else value * 0))
+        return out
 
 
-class StreamedTerms:
+class LayerStream:
     """Attention terms accumulated layer by layer while the student's forward records each map.
 
     A term built after the forward sits after every layer in the autograd graph, so the backward creates the
     gradients of all captured maps at once when it starts (R-fold in a Gramian's vmapped backward). Built here,
-    each layer's share sits right after that layer and its map's gradient appears just before the layer's backward.
-    A term is the mean over its layers of the per-layer loss (eqs. 12-15, 30-35); :meth:`feed` builds the same sums
-    from collected maps when the forward could not stream them (gradient checkpointing).
+    each layer's loss sits right after that layer and its map's gradient appears just before the layer's backward.
+    :meth:`feed` builds the same values from collected maps when the forward could not stream them (gradient
+    checkpointing).
     """
 
     def __init__(
-        self, objective: Objective, batch: Batch, index: TVIndex, teacher: Mapping[str, TeacherSignals]
+        self,
+        terms: Sequence[AttentionTerm],
+        batch: Batch,
+        index: TVIndex,
+        teacher: Mapping[str, TeacherSignals],
     ) -> None:
-        self.objective = objective
-        self.capabilities = capability_rows(batch)
-        self.valid = {c: batch.roles.valid[rows] for c, rows in self.capabilities.items()}
-        self.picked = {c: index.select(rows) for c, rows in self.capabilities.items()}
-        self.targets = {
-            (name, c): objective._targets(name, rows, teacher[name])
-            for name in objective.recipe.teachers
-            for c, rows in self.capabilities.items()
+        self.terms = tuple(terms)
+        self.rows = {
+            c: Rows(c, r, batch, index.select(r), teacher=teacher) for c, r in capability_rows(batch).items()
         }
-        self.values: dict[tuple[str, str], torch.Tensor] = {}
+        self.targets = {(t.name, c): t.targets(rows) for t in self.terms for c, rows in self.rows.items()}
+        self.per_layer: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
 
     def __call__(self, layer: int, kind: str, maps: torch.Tensor) -> None:
-        for name in self.objective.recipe.teachers:
-            layers = self.objective.layers.student[name]
-            if layer not in layers or signal_kind(self.objective.config, name) != kind:
+        for term in self.terms:
+            if term.kind != kind or layer not in term.student_layers:
                 continue
-            position = layers.index(layer)
-            for c, rows in self.capabilities.items():
-                share = self.objective._layer_loss(
-                    kind, maps[rows], self.targets[name, c][position], self.picked[c], self.valid[c]
-                ) / len(layers)
-                self.values[name, c] = share if (name, c) not in self.values else self.values[name, c] + share
+            position = term.student_layers.index(layer)
+            for c, rows in self.rows.items():
+                loss = term.layer_loss(maps[rows.rows], self.targets[term.name, c][position], rows)
+                self.per_layer.setdefault((term.name, c), {})[layer] = loss
 
     def feed(self, captured: CapturedAttention) -> None:
         """Build the terms from maps collected after the forward, layer by layer as the stream would."""
@@ -226,18 +162,10 @@ class StreamedTerms:
             for layer in sorted(maps):
                 self(layer, kind, maps[layer])
 
-
-def logit_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Positions whose logits a loss needs (for ``logits_to_keep``): those predicting an answer token in any row.
-
-    The last one is repeated once: the loss's shift (logits at t predict labels at t + 1) drops the final column,
-    so the duplicate keeps every real position paired with its target (see :func:`kept_labels`).
-    """
-    positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-    return torch.cat([positions, positions[-1:]])
-
-
-def kept_labels(labels: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Labels laid out for logits kept at ``positions`` (from :func:`logit_positions`)."""
-    targets = labels[:, positions[:-1] + 1]
-    return torch.cat([torch.full_like(targets[:, :1], IGNORE_INDEX), targets], dim=1)
+    def value(self, name: str, capability: str) -> torch.Tensor:
+        term = next(t for t in self.terms if t.name == name)
+        layers = self.per_layer.get((name, capability), {})
+        missing = [k for k in term.student_layers if k not in layers]
+        if missing:
+            raise RuntimeError(f"term {name!r} got no student map for decoder layers {missing}")
+        return term.reduce([layers[k] for k in term.student_layers])

@@ -1,4 +1,4 @@
-"""Recipes: which teacher signals a run distils, at which layers, and what the student must capture.
+"""Recipes: the list of loss terms a run optimises, which teacher signals at which layers.
 
 Teachers are named by the capability they serve (perception, reasoning, planning). Layers are resolved from the
 paper's numbering (config) to 0-based decoder indices here, once per pair of models:
@@ -13,10 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from drivekd.capture.recorder import CapturePlan
+from torch import nn
+
 from drivekd.losses import paper_layer_to_index, teacher_layer_groups
-from drivekd.signals.types import SignalNeeds
 from drivekd.training.config import CAPABILITIES, DistillConfig, LayersConfig, RoleLayers
+from drivekd.training.terms import (
+    ATTENTION_TERMS,
+    AnswerKL,
+    AttentionTerm,
+    FullAttentionMSE,
+    HiddenStateMSE,
+    SupervisedCE,
+    Term,
+)
 
 TEACHERS = CAPABILITIES
 
@@ -63,29 +72,24 @@ def resolve_layers(config: LayersConfig, student_depth: int, teacher_depth: int)
 
 @dataclass(frozen=True)
 class Recipe:
-    """Terms of the objective besides CE: attention teachers, or one of the baselines."""
+    """The terms a run optimises: CE first, then the teachers' attention terms or one baseline term."""
 
-    teachers: tuple[str, ...] = ()
-    kl: bool = False
-    hidden: str | None = None  # "1" | "mid" | "pen"
-
-    @classmethod
-    def of(cls, config: DistillConfig) -> Recipe:
-        if config.recipe == "multi":
-            return cls(teachers=TEACHERS)
-        if config.recipe in TEACHERS:
-            return cls(teachers=(config.recipe,))
-        if config.recipe == "kl":
-            return cls(kl=True)
-        if config.recipe == "hidden":
-            return cls(hidden=config.hidden_layer)
-        return cls()
+    terms: tuple[Term, ...]
 
     @property
-    def loss_names(self) -> tuple[str, ...]:
-        """Names of the learnable loss weights: w_ce and one per distillation term."""
-        extra = ("kl",) if self.kl else ("hidden",) if self.hidden else ()
-        return ("ce", *self.teachers, *extra)
+    def names(self) -> tuple[str, ...]:
+        """Names of the loss weights: w_ce and one per other term."""
+        return tuple(t.name for t in self.terms)
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        """The capability teachers whose attention terms Pi mixes (eq. 17)."""
+        return tuple(t.name for t in self.terms if t.mixed)
+
+    @property
+    def baseline(self) -> bool:
+        """CE plus an unmixed term (KL or hidden states): never projected."""
+        return any(not t.mixed and t.name != "ce" for t in self.terms)
 
 
 def signal_kind(config: DistillConfig, teacher: str) -> str:
@@ -96,34 +100,47 @@ def signal_kind(config: DistillConfig, teacher: str) -> str:
     }[teacher]
 
 
-def student_plan(
-    recipe: Recipe, layers: Layers, config: DistillConfig, *, chunk_size: int = 256
-) -> CapturePlan:
-    tv, full = set(), set()
-    for teacher in recipe.teachers:
-        (tv if signal_kind(config, teacher) == "tv" else full).update(layers.student[teacher])
-    return CapturePlan.of(tv=tv, full=full, chunk_size=chunk_size)
+def recipe_teachers(config: DistillConfig) -> tuple[str, ...]:
+    """The capability teachers a recipe distils."""
+    if config.recipe == "multi":
+        return TEACHERS
+    return (config.recipe,) if config.recipe in TEACHERS else ()
 
 
-def hidden_pairs(recipe: Recipe, student_depth: int, teacher_depth: int) -> list[tuple[int, list[int]]]:
+def attention_term(config: DistillConfig, teacher: str, layers: Layers) -> AttentionTerm:
+    """Teacher ``teacher``'s attention term: its signal kind and metric (registry), layers and groups."""
+    kind = signal_kind(config, teacher)
+    cls = ATTENTION_TERMS[kind, config.metric]
+    options = {"keys": "all"} if cls is FullAttentionMSE and config.normalisation == "reference" else {}
+    groups = tuple(tuple(g) for g in layers.teacher[teacher])
+    return cls(teacher, tuple(layers.student[teacher]), groups, **options)
+
+
+def build_recipe(
+    config: DistillConfig,
+    layers: Layers,
+    student_depth: int,
+    teacher_depth: int,
+    projectors: nn.ModuleList | None = None,
+) -> Recipe:
+    """The terms of ``config.recipe``; the hidden baseline needs ``projectors`` (one per layer pair)."""
+    terms: list[Term] = [SupervisedCE()]
+    terms += [attention_term(config, t, layers) for t in recipe_teachers(config)]
+    if config.recipe == "kl":
+        terms.append(AnswerKL(config.kl_temperature))
+    if config.recipe == "hidden":
+        pairs = hidden_pairs(config.hidden_layer, student_depth, teacher_depth)
+        if projectors is None or len(projectors) != len(pairs):
+            raise ValueError(f"the hidden baseline needs {len(pairs)} projectors, one per layer pair")
+        terms.append(HiddenStateMSE(tuple((s, tuple(g)) for s, g in pairs), projectors))
+    return Recipe(tuple(terms))
+
+
+def hidden_pairs(layer: str, student_depth: int, teacher_depth: int) -> list[tuple[int, list[int]]]:
     """Hidden-state baseline: (student paper layer, teacher paper layers averaged) at 1, 1..pen (grouped) or pen."""
-    if not recipe.hidden:
-        return []
 
     def pick(depth: int) -> list[int]:
-        return {"1": [1], "mid": list(range(1, depth)), "pen": [depth - 1]}[recipe.hidden]
+        return {"1": [1], "mid": list(range(1, depth)), "pen": [depth - 1]}[layer]
 
     student = pick(student_depth)
     return list(zip(student, teacher_layer_groups(student, pick(teacher_depth)), strict=True))
-
-
-def teacher_needs(
-    recipe: Recipe, layers: Layers, config: DistillConfig, teacher_depth: int, student_depth: int
-) -> SignalNeeds:
-    tv: set[int] = set()
-    full: set[int] = set()
-    for teacher in recipe.teachers:
-        wanted = {k for group in layers.teacher[teacher] for k in group}
-        (tv if signal_kind(config, teacher) == "tv" else full).update(wanted)
-    hidden = {k for _, group in hidden_pairs(recipe, student_depth, teacher_depth) for k in group}
-    return SignalNeeds(frozenset(tv), frozenset(full), frozenset(hidden), recipe.kl)

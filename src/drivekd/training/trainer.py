@@ -1,13 +1,19 @@
 """The Drive-KD training loop.
 
-One optimizer step = ``grad_accum`` micro-steps; a micro-step is one forward of a batch holding ``micro_batch``
-samples of every capability of the recipe. Per micro-step the atomic terms (CE and each teacher's term, per
-capability, normalised over the whole window) are built; when a projection method or the reweighting is on, the
-exact Gramian of their gradients comes from one vmapped backward (:class:`GramianEngine`), the method turns it into
-coefficients, and one ordinary backward of sum_m c_m L_m adds the combined update to ``.grad``. So the projection
-acts on each micro-step's capability gradients and the projected updates are summed over the window. The
-reweighting takes one step per optimizer step, on the window's mean losses and gradient norms. With ``run.fsdp`` the
+One optimizer step = ``grad_accum`` micro-steps. A micro-step is one forward of a batch drawn by the sampler
+(``data.sampler``: ``micro_batch`` samples from the whole set, or of every capability); the objective gives the value
+of every term on every capability's rows, normalised over the whole window. When a projection method or the
+reweighting is on, the exact Gramian of the rows the step needs comes from one vmapped backward
+(:class:`GramianEngine`), the method turns it into coefficients, and one ordinary backward of sum_m c_m L_m adds the
+micro-step's combined update to ``.grad``: the projection acts per micro-step and the projected updates are summed
+over the window (``gradients.grouping``: ``teacher``, one CE anchor and one follower per teacher term, as the
+released code; or ``capability``, per-capability anchors and stage 2 across capabilities; docs/gradients.md). The
+reweighting takes one step per optimizer step on the window's mean losses and gradient norms. With ``run.fsdp`` the
 student is sharded and the Gramian comes from per-row sharded gradients (:mod:`drivekd.training.sharding`).
+
+Public surface (benchmarks and tests use it): :meth:`Trainer.train`, :meth:`Trainer.train_step`,
+:meth:`Trainer.next_window`, :meth:`Trainer.accumulate`, :meth:`Trainer.micro_step`, :meth:`Trainer.plan_rows`,
+:meth:`Trainer.coefficients`, :meth:`Trainer.forward_terms`, :meth:`Trainer.teacher_signals`.
 """
 
 from __future__ import annotations
@@ -34,9 +40,18 @@ from drivekd.data.schema import Sample, read_jsonl
 from drivekd.errors import DriveKDError
 from drivekd.gradients import LossReweighter
 from drivekd.gradients.autogram import GramianEngine, functional_forward
-from drivekd.gradients.gramian import combine_weights
-from drivekd.gradients.mixing import Combination, atomic_coefficients, combination_matrix, group_matrix
+from drivekd.gradients.gramian import ProjectionStats, combine_teacher_weights, combine_weights
+from drivekd.gradients.mixing import (
+    Combination,
+    TeacherCombination,
+    atomic_coefficients,
+    combination_matrix,
+    group_matrix,
+    row_norms,
+    teacher_matrix,
+)
 from drivekd.gradients.owners import TokenOwners, owners_of
+from drivekd.gradients.reweight import ReferenceReweighter, ReweightStep
 from drivekd.losses import HiddenProjector
 from drivekd.models.families import FamilyAdapter
 from drivekd.signals.types import TeacherSignals
@@ -45,24 +60,40 @@ from drivekd.training import distributed as dist
 from drivekd.training import sharding
 from drivekd.training.config import TrainConfig, dump_config
 from drivekd.training.models import Models, build_models
-from drivekd.training.objective import Objective, Term, logit_positions, window_counts
-from drivekd.training.recipes import Recipe, hidden_pairs, resolve_layers, student_plan, teacher_needs
-from drivekd.training.sampling import CapabilitySampler
+from drivekd.training.objective import Objective, TermValue
+from drivekd.training.precision import refuse_low_precision_weights
+from drivekd.training.recipes import Recipe, build_recipe, hidden_pairs, resolve_layers
+from drivekd.training.sampling import CapabilitySampler, MixedSampler
 from drivekd.training.scaling import LossScale
-
-
-@dataclass(frozen=True)
-class _RowPlan:
-    """What one micro-step backpropagates for its Gramian (see ``Trainer._plan``)."""
-
-    combination: Combination | None  # eq. 17 rows; None for the KL / hidden baselines
-    projected: int  # how many leading rows are projection rows (0 without a method)
-    group_names: tuple[str, ...]  # reweighting groups, in the order of the trailing rows
-    rows: torch.Tensor | None  # (R, terms); None when no Gramian is needed
+from drivekd.training.terms import logit_positions
 
 
 class TrainingError(DriveKDError):
     """Training cannot go on (too many non-finite steps in a row, say)."""
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What one micro-step backpropagates for its Gramian: the projection rows of its grouping (none without a
+    method), then with reweighting one row per weight group, all as rows over the atomic terms."""
+
+    combination: Combination | TeacherCombination | None  # eq. 17 rows; None for the KL / hidden baselines
+    projected: int  # how many leading rows are projection rows (0 without a method)
+    group_names: tuple[str, ...]  # reweighting groups, in the order of the trailing rows
+    groups: torch.Tensor  # (G, terms): the loss each weight multiplies (as the reweighting mode measures it)
+    rows: torch.Tensor | None  # (R, terms); None when no Gramian is needed
+
+
+@dataclass
+class MicroStep:
+    """The outcome of one micro-step."""
+
+    terms: list[TermValue]
+    nonfinite: bool = False
+    stats: ProjectionStats | None = None
+    norms: dict[str, float] | None = None  # reweighting groups' gradient norms, from the Gramian
+    group_losses: dict[str, float] | None = None  # the losses those norms belong to
+    gramian_rows: int | None = None  # rows the Gramian's vmapped backward carried
 
 
 @dataclass
@@ -84,16 +115,46 @@ class Trainer:
         torch.manual_seed(config.run.seed)
         self.models = models or build_models(config)
         self.device = next(self.models.student.parameters()).device
-        self.recipe = Recipe.of(config.distill)
         self.family: FamilyAdapter = self.models.family
+        self.rank, self.world = dist.rank_and_world()
+        self._build_objective()
+        self._prepare_student()
+        self.samples = list(samples) if samples is not None else self._read_data()
+        self.sampler = self._sampler()
+        self.collate = VLMCollator(
+            self.models.processor,
+            self.family.image_token_id(self.models.student),
+            image_root=self.config.data.image_root or str(Path(config.data.train).parent),
+            padding_side=config.data.padding_side,
+        )
+        self._build_optimisation()
+        self.engine = self._engine()
+        self.permutations = torch.Generator().manual_seed(config.run.seed)
+        self.row_coefficients: torch.Tensor | None = None  # the last refresh, for refresh_every > 1
+        self.step = 0
+        self.skipped = 0
+        self.nonfinite_streak = 0
+        self.log_path = self.output_dir / "log.jsonl"
+
+    # ---- construction ----------------------------------------------------------------------------------------
+    def _build_objective(self) -> None:
+        config = self.config
         s_depth = len(self.family.decoder_layers(self.models.student))
         t_depth = self.models.teacher_depth or s_depth
         self.layers = resolve_layers(config.layers, s_depth, t_depth)
-        self.plan = student_plan(self.recipe, self.layers, config.distill)
-        self.needs = teacher_needs(self.recipe, self.layers, config.distill, t_depth, s_depth)
-        pairs = hidden_pairs(self.recipe, s_depth, t_depth)
+        pairs = (
+            hidden_pairs(config.distill.hidden_layer, s_depth, t_depth)
+            if config.distill.recipe == "hidden"
+            else []
+        )
         self.projectors = self._projectors(len(pairs))
-        self.objective = Objective(self.recipe, self.layers, config.distill, self.projectors, pairs)
+        self.recipe: Recipe = build_recipe(config.distill, self.layers, s_depth, t_depth, self.projectors)
+        self.objective = Objective(self.recipe.terms, pooled=config.pooled_window)
+        # Pi mixes teachers only in multi-teacher runs (eq. 17); a single-teacher run is CE + w_t L_t.
+        self.pi = config.distill.pi if len(self.recipe.teachers) > 1 else torch.eye(3).tolist()
+
+    def _prepare_student(self) -> None:
+        config = self.config
         use_capture_attention(self.models.student)
         if config.model.gradient_checkpointing:
             self.models.student.activation_checkpointing_enable(
@@ -102,15 +163,24 @@ class Trainer:
         # Module hooks and map consumers work during the forward; gradient checkpointing replays layers in backward,
         # which would fire the hooks again and not recompute the maps, so both are off under it.
         self.layer_hooks = not config.model.gradient_checkpointing
-        self.samples = list(samples) if samples is not None else self._read_data()
-        self.rank, self.world = dist.rank_and_world()
         self.sharded = config.run.fsdp
         if self.sharded:
             sharding.shard_student(self.models.student, self.family)
         precision = config.optim.mixed_precision
         self.autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.loss_scale = LossScale(precision == "fp16")
-        self.sampler = CapabilitySampler(
+
+    def _sampler(self) -> MixedSampler | CapabilitySampler:
+        config = self.config
+        if config.data.sampler == "mixed":
+            return MixedSampler(
+                self.samples,
+                per_step=config.data.micro_batch,
+                seed=config.run.seed,
+                rank=self.rank,
+                world=self.world,
+            )
+        return CapabilitySampler(
             self.samples,
             config.capabilities,
             per_capability=config.data.micro_batch,
@@ -118,16 +188,13 @@ class Trainer:
             rank=self.rank,
             world=self.world,
         )
-        root = config.data.image_root or str(Path(config.data.train).parent)
-        self.collate = VLMCollator(
-            self.models.processor,
-            self.family.image_token_id(self.models.student),
-            image_root=root,
-            padding_side=config.data.padding_side,
-        )
+
+    def _build_optimisation(self) -> None:
+        config = self.config
         params = [p for p in self.models.student.parameters() if p.requires_grad] + list(
             self.projectors.parameters()
         )
+        refuse_low_precision_weights(params, config.optim.allow_low_precision_weights)
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, weight_decay=config.optim.weight_decay)
         self.total_steps = config.optim.max_steps or math.ceil(
             config.optim.epochs * self.sampler.micro_steps_per_epoch() / config.optim.grad_accum
@@ -138,49 +205,46 @@ class Trainer:
             self.total_steps,
             min_lr_rate=config.optim.min_lr_ratio,
         )
-        self.reweighter = (
-            LossReweighter(
-                self.recipe.loss_names,
-                {n: config.reweight.ratios.get(n, 1.0) for n in self.recipe.loss_names},
-                alpha=config.reweight.alpha,
-                lr=config.reweight.lr,
-                bounds=config.reweight.bounds,
-            )
-            if config.reweight.enabled and len(self.recipe.loss_names) > 1
-            else None
-        )
+        self.reweighter = self._reweighter()
         self.method = config.gradients.method or "none"
-        needs_gramian = self.method != "none" or self.reweighter is not None
-        self.engine: GramianEngine | sharding.ShardedGramian | None = None
-        if needs_gramian and self.sharded:
-            self.engine = sharding.ShardedGramian(
+
+    def _reweighter(self) -> LossReweighter | ReferenceReweighter | None:
+        settings = self.config.reweight
+        names = self.recipe.names
+        if not settings.enabled or len(names) < 2:
+            return None
+        ratios = {n: settings.ratios.get(n, 1.0) for n in names}
+        if settings.mode == "reference":
+            return ReferenceReweighter(
+                names,
+                ratios,
+                alpha=settings.alpha,
+                lr=settings.lr,
+                bounds=settings.bounds,
+                min_ce_weight=settings.min_ce_weight,
+            )
+        return LossReweighter(names, ratios, alpha=settings.alpha, lr=settings.lr, bounds=settings.bounds)
+
+    def _engine(self) -> GramianEngine | sharding.ShardedGramian | None:
+        if self.method == "none" and self.reweighter is None:
+            return None
+        if self.sharded:
+            return sharding.ShardedGramian(
                 list(self.models.student.parameters()), list(self.projectors.parameters())
             )
-        elif needs_gramian:
-            self.engine = GramianEngine(
-                self.models.student,
-                reduce=dist.all_reduce_sum,
-                gather=dist.all_gather_cat,
-                is_vision=self.family.is_vision_module,
-            )
-        self.permutations = torch.Generator().manual_seed(config.run.seed)
-        # Pi mixes teachers only in multi-teacher runs (eq. 17); a single-teacher run is CE + w_t L_t.
-        self.pi = (
-            config.distill.pi
-            if self.recipe.teachers and len(self.recipe.teachers) > 1
-            else torch.eye(3).tolist()
+        return GramianEngine(
+            self.models.student,
+            reduce=dist.all_reduce_sum,
+            gather=dist.all_gather_cat,
+            is_vision=self.family.is_vision_module,
         )
-        self.row_coefficients: torch.Tensor | None = None  # the last refresh, for refresh_every > 1
-        self.step = 0
-        self.skipped = 0
-        self.nonfinite_streak = 0
-        self.log_path = self.output_dir / "log.jsonl"
 
     def _projectors(self, count: int) -> torch.nn.ModuleList:
         if not count:
             return torch.nn.ModuleList()
         widths = (self.family.text_config(self.models.student).hidden_size, self.models.teacher_width)
-        return torch.nn.ModuleList(HiddenProjector(*widths) for _ in range(count)).to(self.device)
+        dtype = next(self.models.student.parameters()).dtype  # the working precision of the student's weights
+        return torch.nn.ModuleList(HiddenProjector(*widths) for _ in range(count)).to(self.device, dtype)
 
     def _read_data(self) -> list[Sample]:
         if not self.config.data.train:
@@ -195,71 +259,117 @@ class Trainer:
         ]
 
     # ---- one micro-step -------------------------------------------------------------------------------------
-    def _teacher_signals(self, batch: Batch, index: TVIndex) -> dict[str, TeacherSignals]:
-        """One forward per distinct teacher source, asking for everything the teachers it serves need."""
+    def index_of(self, batch: Batch) -> TVIndex:
+        """The batch's text-to-vision index (its text queries set by ``distill.normalisation``)."""
+        return TVIndex.of_roles(batch.roles, self.config.distill.tv_rows)
+
+    def teacher_signals(self, batch: Batch, index: TVIndex) -> dict[str, TeacherSignals]:
+        """One forward per distinct teacher source, asking for everything the terms it serves need."""
         by_source: dict[int, TeacherSignals] = {}
         out = {}
         for name, source in self.models.sources.items():
             if id(source) not in by_source:
-                by_source[id(source)] = source.signals(batch, index, self.needs)
+                by_source[id(source)] = source.signals(batch, index, self.objective.needs)
             out[name] = by_source[id(source)]
         return out
 
-    def _micro_step(
+    def next_window(self) -> list[Batch]:
+        """The collated micro-batches of the next optimizer step (on the training device)."""
+        return [
+            self.collate(self.sampler.next()).to(self.device) for _ in range(self.config.optim.grad_accum)
+        ]
+
+    def window_counts(self, batches: Sequence[Batch]) -> Counter:
+        """The window's normalisers, summed over ranks (each rank's terms are partial sums of the global means)."""
+        counts = self.objective.window([(b, self.index_of(b)) for b in batches])
+        keys = sorted(counts)
+        totals = dist.all_reduce_sum(torch.tensor([counts[k] for k in keys], dtype=torch.float64))
+        return Counter(dict(zip(keys, (int(v) for v in totals.tolist()), strict=True)))
+
+    def forward_terms(self, batch: Batch, window: Counter) -> list[TermValue]:
+        """The window-normalised terms of one micro-batch with their graphs (a plain forward with capture)."""
+        index = self.index_of(batch)
+        teacher = self.teacher_signals(batch, index) if self.models.sources else {}
+        positions = logit_positions(batch.labels)
+        with AttentionRecorder(self.models.student, self.objective.plan, grad=True) as recorder:
+            recorder.start(index if self.objective.plan.tv_layers else None)
+            out = self._student_forward(batch, positions, None)
+            captured = recorder.collect()
+        return self.objective.values(
+            batch,
+            index,
+            out.logits,
+            teacher,
+            window,
+            captured=captured,
+            hidden=out.hidden_states if self.objective.student_hidden else (),
+            logit_positions=positions,
+        )
+
+    def _student_forward(self, batch: Batch, positions: torch.Tensor, tapped: Any) -> Any:
+        inputs = dict(
+            batch.inputs, logits_to_keep=positions, output_hidden_states=self.objective.student_hidden
+        )
+        with torch.autocast(
+            self.device.type, self.autocast or torch.bfloat16, enabled=self.autocast is not None
+        ):
+            if tapped is not None:
+                return functional_forward(self.models.student, tapped, inputs)
+            return self.models.student(**inputs)
+
+    def micro_step(
         self, batch: Batch, window: Counter, refresh: bool, weights: dict[str, float]
-    ) -> dict[str, Any]:
-        batch = batch.to(self.device)
-        index = TVIndex.from_masks(batch.roles.text, batch.roles.vision)
-        teacher = self._teacher_signals(batch, index) if self.models.sources else {}
+    ) -> MicroStep:
+        """Forward one micro-batch, combine its terms and add the combined update to ``.grad``."""
+        index = self.index_of(batch)
+        teacher = self.teacher_signals(batch, index) if self.models.sources else {}
         positions = logit_positions(batch.labels)
         use_engine = self.engine is not None and refresh
         tap = use_engine and isinstance(self.engine, GramianEngine)
-        inputs = dict(batch.inputs, logits_to_keep=positions, output_hidden_states=bool(self.recipe.hidden))
         with (
             self.engine.tap(self._owners(batch)) if tap else nullcontext() as tapped,
-            AttentionRecorder(self.models.student, self.plan, grad=True) as recorder,
+            AttentionRecorder(self.models.student, self.objective.plan, grad=True) as recorder,
         ):
-            # Attention terms built layer by layer as the forward runs (see StreamedTerms).
+            # Attention terms built layer by layer as the forward runs (see LayerStream).
             streamed = (
                 self.objective.stream(batch, index, teacher)
-                if self.layer_hooks and self.recipe.teachers
+                if self.layer_hooks and self.objective.attention
                 else None
             )
-            recorder.start(index if self.plan.tv_layers else None, consumer=streamed)
-            with torch.autocast(
-                self.device.type, self.autocast or torch.bfloat16, enabled=self.autocast is not None
-            ):
-                out = (
-                    functional_forward(self.models.student, tapped, inputs)
-                    if tap
-                    else self.models.student(**inputs)
-                )
+            recorder.start(index if self.objective.plan.tv_layers else None, consumer=streamed)
+            out = self._student_forward(batch, positions, tapped if tap else None)
             captured = recorder.collect()
-            terms = self.objective.terms(
+            terms = self.objective.values(
                 batch,
                 index,
                 out.logits,
-                captured,
                 teacher,
                 window,
-                out.hidden_states if self.recipe.hidden else (),
-                positions,
-                streamed,
+                captured=captured,
+                streamed=streamed,
+                hidden=out.hidden_states if self.objective.student_hidden else (),
+                logit_positions=positions,
             )
             local_bad = not all(torch.isfinite(t.value).all() for t in terms)
             if dist.all_reduce_sum(torch.tensor(float(local_bad))).item() > 0:  # every rank skips together
-                return {"nonfinite": True, "terms": terms}
-            plan = self._plan(terms, weights)
+                return MicroStep(terms, nonfinite=True)
+            plan = self.plan_rows(terms, weights)
             gramian = (
                 self._gramian(terms, tapped, plan.rows) if use_engine and plan.rows is not None else None
             )
             if gramian is not None and not bool(torch.isfinite(gramian).all()):
-                return {"nonfinite": True, "terms": terms}  # an fp16 overflow in the vmapped backward
-        coefficients, stats, norms = self._combine(terms, plan, gramian, weights)
+                return MicroStep(terms, nonfinite=True)  # an fp16 overflow in the vmapped backward
+        coefficients, stats = self.coefficients(terms, plan, gramian, weights)
         scale = self.loss_scale.scale
         torch.autograd.backward(sum(scale * c * t.value for c, t in zip(coefficients, terms, strict=True)))
-        rows = self.engine.backpropagated_rows if gramian is not None and tap else None
-        return {"nonfinite": False, "terms": terms, "stats": stats, "norms": norms, "gramian_rows": rows}
+        result = MicroStep(terms, stats=stats)
+        if gramian is not None and self.reweighter is not None:
+            values = torch.tensor([float(t.value.detach()) for t in terms], dtype=torch.float64)
+            result.norms = row_norms(gramian[plan.projected :, plan.projected :], plan.group_names)
+            result.group_losses = dict(zip(plan.group_names, (plan.groups @ values).tolist(), strict=True))
+        if gramian is not None and tap:
+            result.gramian_rows = self.engine.backpropagated_rows
+        return result
 
     def _owners(self, batch: Batch) -> TokenOwners | None:
         """Each batch row's capability, so the engine can split gradients by capability (module taps)."""
@@ -269,21 +379,29 @@ class Trainer:
         rows = [order.index(c) for c in batch.capabilities]
         return owners_of(rows, batch.roles.vision.sum(1), len(order))
 
-    def _plan(self, terms: list[Term], weights: dict[str, float]) -> _RowPlan:
+    def plan_rows(self, terms: list[TermValue], weights: dict[str, float]) -> RowPlan:
         """The loss combinations whose Gramian this step needs, as rows over the atomic terms.
 
-        First the projection rows (c:sup = w_ce CE_c and c:distill = sum_t pi_{c,t} w_t L_t(c)) when a method is
-        on, then, with reweighting, one row per weight group (the loss its weight multiplies). Backpropagating
-        only these rows, not every atomic term, keeps the vmapped backward as small as the step allows.
+        First the projection rows of the grouping when a method is on (teacher: the anchor w_ce sum_c CE_c and a
+        follower sum_c pi_{c,t} w_t L_t(c) per teacher; capability: c:sup = w_ce CE_c and c:distill =
+        sum_t pi_{c,t} w_t L_t(c)), then, with reweighting, one row per weight group: the loss its weight
+        multiplies (Pi-mixed in the paper mode; unmixed in the reference mode, as the released code measures).
+        Backpropagating only these rows, not every atomic term, keeps the vmapped backward as small as it can be.
         """
         keys = [(t.capability, t.name) for t in terms]
-        baseline = bool(self.recipe.kl or self.recipe.hidden)
-        combination = None if baseline else combination_matrix(keys, weights, self.pi)
-        if baseline:
-            names = self.recipe.loss_names
+        if self.recipe.baseline:
+            # Baselines: CE plus one unmixed term, never projected (single-teacher protocol).
+            names = self.recipe.names
             groups = torch.tensor([[float(t.name == n) for t in terms] for n in names], dtype=torch.float64)
+            combination = None
         else:
-            names, groups = group_matrix(keys, self.pi)
+            names, groups = group_matrix(keys, self.pi, mixed=self.config.reweight.mode == "paper")
+            grouping = self.config.gradients.grouping
+            combination = (
+                teacher_matrix(keys, weights, self.pi)
+                if grouping == "teacher"
+                else combination_matrix(keys, weights, self.pi)
+            )
         blocks = []
         projected = 0
         if combination is not None and self.method != "none":
@@ -292,9 +410,9 @@ class Trainer:
         if self.reweighter is not None:
             blocks.append(groups)
         rows = torch.cat(blocks) if blocks else None
-        return _RowPlan(combination, projected, tuple(names), rows)
+        return RowPlan(combination, projected, tuple(names), groups, rows)
 
-    def _gramian(self, terms: list[Term], tapped: Any, rows: torch.Tensor) -> torch.Tensor:
+    def _gramian(self, terms: list[TermValue], tapped: Any, rows: torch.Tensor) -> torch.Tensor:
         """The exact Gramian of the row combinations; under fp16 the rows are loss-scaled and unscaled after."""
         scale = self.loss_scale.scale
         value = terms[0].value
@@ -305,30 +423,18 @@ class Trainer:
         groups = [self.config.capabilities.index(t.capability) for t in terms]
         return self.engine.gramian(values, tapped, cotangents, groups) / scale**2
 
-    def _combine(
-        self, terms: list[Term], plan: _RowPlan, gramian: torch.Tensor | None, weights: dict[str, float]
-    ) -> tuple[torch.Tensor, Any, dict[str, float] | None]:
-        """Per-term coefficients (eq. 17 weights, projected when a method is on) and the reweighting norms."""
+    def coefficients(
+        self, terms: list[TermValue], plan: RowPlan, gramian: torch.Tensor | None, weights: dict[str, float]
+    ) -> tuple[torch.Tensor, ProjectionStats | None]:
+        """Per-term coefficients: eq. 17's weights, projected by the method when the step has a Gramian (or reusing
+        the last refresh's projection between refreshes)."""
         dtype = terms[0].value.dtype
-        norms = None
-        if gramian is not None and self.reweighter is not None:
-            block = gramian[plan.projected :, plan.projected :]
-            squared = torch.diagonal(block).clamp_min(0).sqrt()
-            norms = dict(zip(plan.group_names, squared.tolist(), strict=True))
         if plan.combination is None:
-            # Baselines: CE plus one unmixed term, never projected (single-teacher protocol).
-            return torch.tensor([weights[t.name] for t in terms], dtype=dtype), None, norms
+            return torch.tensor([weights[t.name] for t in terms], dtype=dtype), None
         combination = plan.combination
         stats = None
         if gramian is not None and plan.projected:
-            rows, stats = combine_weights(
-                self.method,
-                gramian[: plan.projected, : plan.projected],
-                combination.sup_index,
-                combination.distill_index,
-                self.permutations,
-                self.config.gradients.eps,
-            )
+            rows, stats = self._project(combination, gramian[: plan.projected, : plan.projected])
             self.row_coefficients = rows
         elif self.method != "none" and self.row_coefficients is not None:
             rows = (
@@ -336,7 +442,30 @@ class Trainer:
             )  # amortised: the last refresh's projection applied to this step's rows
         else:
             rows = torch.ones(combination.matrix.shape[0], dtype=torch.float64)
-        return atomic_coefficients(combination.matrix, rows).to(dtype), stats, norms
+        return atomic_coefficients(combination.matrix, rows).to(dtype), stats
+
+    def _project(
+        self, combination: Combination | TeacherCombination, gramian: torch.Tensor
+    ) -> tuple[torch.Tensor, ProjectionStats]:
+        settings = self.config.gradients
+        if isinstance(combination, TeacherCombination):
+            return combine_teacher_weights(
+                self.method,
+                gramian,
+                combination.sup_index,
+                combination.follower_index,
+                self.permutations,
+                settings.eps,
+                settings.anchor_share,
+            )
+        return combine_weights(
+            self.method,
+            gramian,
+            combination.sup_index,
+            combination.distill_index,
+            self.permutations,
+            settings.eps,
+        )
 
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
@@ -355,7 +484,7 @@ class Trainer:
         ) as progress:
             task = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
             while self.step < self.total_steps:
-                record = self._optimizer_step()
+                record = self.train_step()
                 log.append(record)
                 self._write_log(record, writer)
                 progress.update(
@@ -367,15 +496,27 @@ class Trainer:
             writer.close()
         return TrainResult(self.step, self.skipped, self.output_dir, last, log)
 
-    def _optimizer_step(self) -> dict[str, Any]:
+    def current_weights(self) -> dict[str, float]:
+        """The loss weights of the next step (the reweighting's, or 1)."""
+        return self.reweighter.weights() if self.reweighter else dict.fromkeys(self.recipe.names, 1.0)
+
+    def accumulate(
+        self, batches: Sequence[Batch], weights: dict[str, float] | None = None, refresh: bool = True
+    ) -> list[MicroStep]:
+        """Zero the gradients and run the window's micro-steps: ``.grad`` then holds the step's combined update
+        (summed over micro-steps, before unscaling, clipping and the optimizer)."""
+        weights = self.current_weights() if weights is None else weights
+        window = self.window_counts(batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        return [self.micro_step(batch, window, refresh, weights) for batch in batches]
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its log record."""
         started = time.perf_counter()
         config = self.config
         refresh = self.step % config.gradients.refresh_every == 0
-        weights = self.reweighter.weights() if self.reweighter else dict.fromkeys(self.recipe.loss_names, 1.0)
-        batches = [self.collate(self.sampler.next()) for _ in range(config.optim.grad_accum)]
-        window = self._global_counts(window_counts(batches, self.recipe, config.distill))
-        self.optimizer.zero_grad(set_to_none=True)
-        results = [self._micro_step(batch, window, refresh, weights) for batch in batches]
+        weights = self.current_weights()
+        results = self.accumulate(self.next_window(), weights, refresh)
         record: dict[str, Any] = {
             "step": self.step + 1,
             "lr": self.scheduler.get_last_lr()[0],
@@ -384,7 +525,7 @@ class Trainer:
         record.update({f"weight/{n}": w for n, w in weights.items()})
         totals: dict[str, float] = defaultdict(float)
         for result in results:
-            for term in result["terms"]:
+            for term in result.terms:
                 totals[f"loss/{term.name}/{term.capability}"] += float(
                     dist.all_reduce_sum(term.value.detach())
                 )
@@ -397,7 +538,7 @@ class Trainer:
             for p in params:
                 p.grad.div_(self.loss_scale.scale)
         record["loss_scale"] = self.loss_scale.scale
-        finite = not any(r["nonfinite"] for r in results) and all(
+        finite = not any(r.nonfinite for r in results) and all(
             torch.isfinite(sharding.local(p.grad)).all() for p in params
         )
         finite = dist.all_reduce_sum(torch.tensor(float(not finite))).item() == 0
@@ -421,7 +562,7 @@ class Trainer:
                 )
             self.optimizer.step()
             self._record_projections(record, results)
-            rows = [r["gramian_rows"] for r in results if r.get("gramian_rows") is not None]
+            rows = [r.gramian_rows for r in results if r.gramian_rows is not None]
             if rows:  # rows the Gramian's vmapped backward carried (fewer when split by capability)
                 record["gramian/rows"] = max(rows)
             self._reweight(record, results)
@@ -431,36 +572,33 @@ class Trainer:
         record["seconds"] = time.perf_counter() - started
         return record
 
-    def _global_counts(self, counts: Counter) -> Counter:
-        """Window normalisers summed over ranks, so each rank's terms are partial sums of the global means."""
-        keys = sorted(counts)
-        totals = dist.all_reduce_sum(torch.tensor([counts[k] for k in keys], dtype=torch.float64))
-        return Counter(dict(zip(keys, (int(v) for v in totals.tolist()), strict=True)))
-
-    def _record_projections(self, record: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    def _record_projections(self, record: dict[str, Any], results: list[MicroStep]) -> None:
         for result in results:
-            stats = result.get("stats")
-            if stats is None:
+            if result.stats is None:
                 continue
-            for key, value in stats.as_log().items():
+            for key, value in result.stats.as_log().items():
                 # Counts add up over the window's micro-steps; the amplification ratio keeps its worst value.
                 combine = max if key.endswith("amplification") else (lambda a, b: a + b)
                 record[key] = combine(record[key], value) if key in record else value
 
-    def _reweight(self, record: dict[str, Any], results: list[dict[str, Any]]) -> None:
-        usable = [r for r in results if r.get("norms")]
+    def _reweight(self, record: dict[str, Any], results: list[MicroStep]) -> None:
+        """One reweighting step on the window's mean group losses and gradient norms (each from the loss its
+        weight multiplies)."""
+        usable = [r for r in results if r.norms]
         if self.reweighter is None or not usable:
             return
         losses: dict[str, float] = defaultdict(float)
         norms: dict[str, float] = defaultdict(float)
         for result in usable:
-            for term in result["terms"]:
-                losses[term.name] += float(dist.all_reduce_sum(term.value.detach())) / len(usable)
-            for name, norm in result["norms"].items():
+            for name, loss in result.group_losses.items():
+                losses[name] += float(dist.all_reduce_sum(torch.tensor(loss, dtype=torch.float64))) / len(
+                    usable
+                )
+            for name, norm in result.norms.items():
                 norms[name] += norm / len(usable)
-        active = {n: v for n, v in losses.items() if n in norms}
-        step = self.reweighter.update(active, {n: norms[n] for n in active})
-        record.update(step.as_log())
+        step: ReweightStep | None = self.reweighter.update(dict(losses), dict(norms))
+        if step is not None:
+            record.update(step.as_log())
 
     # ---- persistence ----------------------------------------------------------------------------------------
     def _state(self, optimizer: dict[str, Any]) -> dict[str, Any]:
@@ -485,6 +623,7 @@ class Trainer:
 
     def _save(self) -> Path:
         path = self.output_dir / f"checkpoint-{self.step}"
+        model = self.config.model
         weights = None
         if self.sharded:  # collectives: every rank gathers, rank 0 writes
             weights = sharding.full_model_state(self.models.student)
@@ -500,6 +639,7 @@ class Trainer:
                 state,
                 self.config.run.keep_checkpoints,
                 weights,
+                ckpt.resolve_save_dtype(model.save_dtype, model.student, model.dtype),
             )
         dist.barrier()
         return path
