@@ -74,12 +74,13 @@ def test_layer_resolution_follows_the_paper_and_its_variants():
         resolve_layers(load_config(overrides=["layers.student.planning=4"]).layers, 4, 6)
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_window_normalisation_equals_one_large_batch(data, pooled):
+@pytest.mark.parametrize(("pooled", "metric"), [(False, "mse"), (True, "mse"), (True, "cosine")])
+def test_window_normalisation_equals_one_large_batch(data, pooled, metric):
     """Terms of two micro-batches, normalised over the window, sum to the terms of their union as one batch
-    (per capability, or pooled over all capabilities as with the mixed sampler)."""
+    (per capability, or pooled over all capabilities as with the mixed sampler; the cosine full-map term is a
+    mean over samples, so splitting the batch must not weigh longer samples more)."""
     pair = build_tiny_pair("qwen2_5_vl")
-    config = load_config()
+    config = load_config(overrides=[f"distill.metric={metric}"])
     layers = resolve_layers(config.layers, 4, 6)
     objective = Objective(build_recipe(config.distill, layers, 4, 6).terms, pooled=pooled)
     teacher = LiveTeacher(pair.teacher)
@@ -117,6 +118,73 @@ def test_window_normalisation_equals_one_large_batch(data, pooled):
     assert split.keys() == whole.keys() and len(split) == (4 if pooled else 12)
     for key, value in whole.items():
         assert split[key] == pytest.approx(value, rel=1e-9, abs=1e-15), key
+
+
+def test_the_mixed_sampler_is_one_shuffled_pass_per_epoch_and_splits_ranks_exactly(data):
+    from drivekd.training.sampling import MixedSampler
+
+    samples = list(read_jsonl(data))
+    one = MixedSampler(samples, per_step=2, seed=3)
+    epoch = [s.id for _ in range(one.micro_steps_per_epoch()) for s in one.next()]
+    assert sorted(epoch[: len(samples)]) == sorted(s.id for s in samples)  # every sample once per pass
+    assert len({s.capability for s in samples}) == 3  # capabilities mixed in one order
+    ranks = [MixedSampler(samples, per_step=1, seed=3, rank=r, world=2) for r in range(2)]
+    together = MixedSampler(samples, per_step=2, seed=3)
+    for _ in range(5):
+        step = together.next()
+        assert [s.id for s in step] == [ranks[0].next()[0].id, ranks[1].next()[0].id]
+    state = together.state_dict()
+    resumed = MixedSampler(samples, per_step=2, seed=3)
+    resumed.load_state_dict(state)
+    assert [s.id for s in resumed.next()] == [s.id for s in together.next()]
+
+
+def test_config_holes_are_named_errors(data, tmp_path):
+    cases = {
+        ("distill.recipe=kl", "model.cache=runs/cache"): "a teacher-signal cache does not hold",
+        ("distill.recipe=hidden", "model.cache=runs/cache"): "hidden states, which a teacher-signal cache",
+        ("distill.recipe=sft", "gradients.method=g1"): "g1 projects teacher terms",
+        ("gradients.grouping=capability",): "needs data.sampler=per_capability",
+        ("model.dtype=bfloat16",): "no fp32 master copy",
+    }
+    for overrides, message in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(overrides=list(overrides))
+    assert load_config(overrides=["distill.hidden_layer=1"]).distill.hidden_layer == "1"  # not an int
+    assert load_config(overrides=["reweight.mode=reference"]).reweight.bounds == (1e-6, 1e6)
+
+
+def test_paper_reweighting_takes_decay_and_norm_from_the_pi_mixed_loss(data, tmp_path, monkeypatch):
+    """Both inputs of each weight's update come from the loss the weight multiplies: sum_c pi_{c,t} L_t(c)."""
+    config = _config(
+        data, tmp_path, "optim.grad_accum=1", "data.sampler=per_capability", "reweight.enabled=true"
+    )
+    trainer = Trainer(config)
+    seen = {}
+    real = trainer.reweighter.update
+
+    def spy(losses, norms):
+        seen.update(losses=losses, norms=norms)
+        return real(losses, norms)
+
+    accumulate = trainer.accumulate
+
+    def keep(*args, **kwargs):
+        seen["steps"] = accumulate(*args, **kwargs)
+        return seen["steps"]
+
+    monkeypatch.setattr(trainer.reweighter, "update", spy)
+    monkeypatch.setattr(trainer, "accumulate", keep)
+    trainer.train_step()
+    steps = seen["steps"]
+    caps = ["perception", "reasoning", "planning"]
+    pi = config.distill.pi
+    values = {(t.name, t.capability): float(t.value) for t in steps[0].terms}
+    for t in caps:
+        mixed = sum(pi[caps.index(c)][caps.index(t)] * values[t, c] for c in caps)
+        assert seen["losses"][t] == pytest.approx(mixed, rel=1e-9)
+    assert seen["losses"]["ce"] == pytest.approx(sum(values["ce", c] for c in caps), rel=1e-9)
+    assert seen["norms"] == steps[0].norms
 
 
 def test_eq17_coefficients_use_pi_and_weights(data, tmp_path):
