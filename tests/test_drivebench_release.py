@@ -316,6 +316,17 @@ def test_challenge_ids_of_the_real_test_file(tmp_path: Path) -> None:
         _same_up_to_rounding(entry["answer"], item["A"])
 
 
+@pytest.mark.shared
+def test_challenge_ids_agree_with_the_scorer_reading_the_test_file() -> None:
+    from drivekd.evaluation.drivelm_challenge import read_test
+
+    test_eval = SHARED / "drivelm-sample" / "test_eval.json"
+    if not test_eval.is_file():
+        pytest.skip("shared DriveLM sample not present")
+    samples = import_drivelm(test_eval, None, text_only=True).samples
+    assert challenge_ids(samples) == {qa.sample_id: qa.id for qa in read_test(test_eval)}
+
+
 def _same_up_to_rounding(ours: str, theirs: str) -> None:
     """Equal texts whose pixel tags agree to 0.15 px: a tag stored normalised to 4 decimals is off by at most
     0.5e-4 * 1600 = 0.08 px before the one-decimal rounding (0.05 px) of the written pixel value."""

@@ -19,8 +19,8 @@ def load_samples(
 ) -> tuple[list[Sample], Path]:
     """The samples of ``path`` and the folder their image paths are relative to.
 
-    A DriveBench file needs ``image_root`` (the folder that contains ``nuscenes/``); its importer always checks the
-    images. For JSONL the root defaults to the file's folder and ``check_files=False`` skips the image check
+    A DriveBench file needs ``image_root`` (the root of a DriveBench checkout, which holds the rows'
+    ``data/nuscenes/...`` paths); its importer always checks the images. For JSONL the root defaults to the file's folder and ``check_files=False`` skips the image check
     (scoring needs no images). Ids must be unique, since predictions are matched by id.
     """
     path = Path(path)
@@ -31,7 +31,7 @@ def load_samples(
                 None,
                 None,
                 "a DriveBench file needs the image root",
-                hint="pass --image-root (the folder that contains nuscenes/)",
+                hint="pass --image-root (the root of a DriveBench checkout, holding data/nuscenes/)",
             )
         samples = import_drivebench(path, image_root).samples
         root = Path(image_root)
