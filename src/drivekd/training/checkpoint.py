@@ -63,10 +63,10 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     weights = weights if weights is not None else _saved_state(student)
     cast = _cast(weights, save_dtype)
-    student.save_pretrained(tmp / "student", state_dict=cast)
+    lost = {name: tensor for name, tensor in weights.items() if _lossy(tensor.dtype, cast[name].dtype)}
+    student.save_pretrained(tmp / "student", state_dict=cast)  # may rename cast's keys in place
     if save_dtype is not None:
         _declare_dtype(tmp / "student" / "config.json", save_dtype)
-    lost = {name: tensor for name, tensor in weights.items() if _lossy(tensor.dtype, cast[name].dtype)}
     if lost:
         _save_exact(lost, tmp / MASTER_FILE)
     if processor is not None:
