@@ -1,4 +1,4 @@
-"""Aggregation over judge runs (eq. 29), zero-scored listed failures, and the MCQ / yes/no accuracy counts."""
+"""Aggregation over judge runs (eq. 29), missing predictions scored 0, failed gradings listed and left out, and the MCQ / yes/no accuracy counts."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_sample_std_needs_two_runs():
     assert sample_std([42.0]) is None
 
 
-def test_aggregation_pools_capabilities_and_scores_failures_zero():
+def test_aggregation_pools_capabilities_scores_missing_zero_and_leaves_failures_out():
     rng = random.Random(0)
     runs = 3
     tasks = ["perception", "prediction", "behavior", "planning"]
@@ -69,27 +69,34 @@ def test_aggregation_pools_capabilities_and_scores_failures_zero():
             results.append(
                 JudgeResult(item.sample.id, run, status, value, None if value else "boom", 10, 5, 1)
             )
-            truth[item.sample.id, run] = value or 0.0
+            if status == "ok":
+                truth[item.sample.id, run] = value
     out = aggregate_judge(items, results, runs)
 
     judged = [i for i in items if i.rubric is not None]
+    missing = {i.sample.id for i in judged if i.prediction is None}
 
     def naive_mean(ids, run):
-        return sum(truth.get((i, run), 0.0) for i in ids) / len(ids)
+        # a missing prediction scores 0; an unparsed or failed grading is no grade and is left out
+        graded = [0.0 if i in missing else truth[i, run] for i in ids if i in missing or (i, run) in truth]
+        return sum(graded) / len(graded) if graded else None  # a run that graded none of them has no score
 
     for capability in ("perception", "reasoning", "planning"):
         ids = [i.sample.id for i in judged if CAPABILITY[i.sample.task] == capability]
         per_run = [naive_mean(ids, r) for r in range(runs)]
+        present = [v for v in per_run if v is not None]
         got = out["per_capability"][capability]
         assert got["runs"] == pytest.approx(per_run)
-        assert got["mean"] == pytest.approx(sum(per_run) / runs)
-        assert got["std"] == pytest.approx(statistics.stdev(per_run))
+        assert got["mean"] == pytest.approx(sum(present) / len(present))
+        assert got["std"] == pytest.approx(statistics.stdev(present))
     for task in tasks:
         ids = [i.sample.id for i in judged if i.sample.task == task]
         assert out["per_task"][task]["runs"] == pytest.approx([naive_mean(ids, r) for r in range(runs)])
     caps = out["per_capability"]
-    overall = [sum(caps[c]["runs"][r] for c in caps) / 3 for r in range(runs)]
+    per_run_caps = [[caps[c]["runs"][r] for c in caps] for r in range(runs)]
+    overall = [None if None in v else sum(v) / 3 for v in per_run_caps]
     assert out["overall"]["runs"] == pytest.approx(overall)
+    assert any(r.status != "ok" for r in results)  # the seed exercises the left-out case
     listed = {(f["id"], f["run"], f["status"]) for f in out["failures"]}
     expected = {(r.sample_id, r.run, r.status) for r in results if r.status != "ok"} | {
         ("s5", None, "missing")

@@ -45,6 +45,13 @@ Concurrency = Annotated[int | None, typer.Option(help="Concurrent judge calls (d
 Timeout = Annotated[float | None, typer.Option(help="Seconds per judge call (default 120).")]
 MaxRetries = Annotated[int | None, typer.Option(help="Retries on 429/5xx/timeouts (default 5).")]
 Cache = Annotated[Path | None, typer.Option(help="Judge cache (default runs/judge-cache.sqlite).")]
+AllowFailures = Annotated[
+    bool,
+    typer.Option(
+        "--allow-failures",
+        help="Exit 0 even when some gradings failed (failed calls, unparsed replies; left out of the means).",
+    ),
+]
 
 
 def _fail(err: Exception) -> typer.Exit:
@@ -115,7 +122,29 @@ def _judge_config(options: dict[str, Any], config_file: Path | None) -> Any:
 
     if config_file is None and options.get("base_url") is None and not os.environ.get(ENV_BASE_URL):
         return None
-    return JudgeConfig.load(config_file, **options)
+    config = JudgeConfig.load(config_file, **options)
+    config.api_key()  # a missing key, or a key bound for plain http to another host, stops here before any work
+    return config
+
+
+def _exit_on_failed_gradings(counts: dict[str, Any], allow_failures: bool) -> None:
+    """Exit 1 when some gradings were not made (failed calls, unparsed replies), unless ``--allow-failures``."""
+    failed = counts["failed"] + counts["unparsed"]
+    if not failed:
+        return
+    total = failed + counts["ok"]
+    what = (
+        f"{failed} gradings failed of {total} ({counts['failed']} failed calls, {counts['unparsed']} unparsed "
+        "replies); they are listed under judge.failures and left out of the means"
+    )
+    if allow_failures:
+        console.print(f"[yellow]warning:[/yellow] {what} (--allow-failures)")
+        return
+    console.print(
+        f"[red]error:[/red] {what}: rerun to retry the failed calls (--retry-unparsed asks again where a reply "
+        "had no score), or pass --allow-failures to accept the report as it is"
+    )
+    raise typer.Exit(code=1)
 
 
 def _print_summary(report: dict[str, Any]) -> None:
@@ -139,7 +168,8 @@ def _print_summary(report: dict[str, Any]) -> None:
         counts, cost = judge["counts"], judge["accounting"]
         console.print(
             f"judge: {counts['ok']} ok, {counts['unparsed']} unparsed, {counts['failed']} failed, "
-            f"{counts['missing_predictions']} missing predictions (all scored 0); {cost['calls']} calls, "
+            f"{counts['missing_predictions']} missing predictions (scored 0; unparsed and failed are not grades "
+            f"and left out of the means); {cost['calls']} calls, "
             f"{cost['cache_hits']} cache hits, {cost['prompt_tokens']} + {cost['completion_tokens']} tokens"
         )
 
@@ -184,6 +214,7 @@ def score_cmd(
     retry_unparsed: Annotated[
         bool, typer.Option(help="Ask again where the cache holds an unparsed reply.")
     ] = False,
+    allow_failures: AllowFailures = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Score predictions: MCQ accuracy (strict and DriveBench rule), yes/no accuracy, the LLM judge over N runs
@@ -218,6 +249,7 @@ def score_cmd(
         "protocol": judge_protocol,
     }
     try:
+        config = _judge_config(options, judge_config) if judge else None
         prompts = read_drivebench_prompts(judge_prompts) if judge_prompts is not None else None
         samples, _ = load_samples(samples_path, image_root=image_root, check_files=False)
         if predictions is not None:
@@ -226,7 +258,6 @@ def score_cmd(
             model_name = model_name or next((r.model for r in records.values()), predictions.stem)
         else:
             texts = embedded_predictions(samples)
-        config = _judge_config(options, judge_config) if judge else None
         if judge and config is None:
             console.print(
                 "no judge configured (--judge-base-url, --judge-config or DRIVEKD_JUDGE_BASE_URL): MCQ only"
@@ -250,6 +281,8 @@ def score_cmd(
     not_judged = report["not_judged"]
     console.print(f"not judged: {not_judged['count']} ({not_judged['reason']})")
     console.print(f"wrote {out}")
+    if "judge" in report:
+        _exit_on_failed_gradings(report["judge"]["counts"], allow_failures)
 
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
@@ -289,6 +322,7 @@ def drivelm_cmd(
     timeout: Timeout = None,
     max_retries: MaxRetries = None,
     cache: Cache = None,
+    allow_failures: AllowFailures = False,
     no_progress: NoProgress = False,
 ) -> None:
     """The DriveLM challenge's scores (challenge/evaluation.py): accuracy (tag 0), GPT score (tag 1), language
@@ -343,6 +377,8 @@ def drivelm_cmd(
         f"{len(report['missing_predictions'])} without a prediction (scored as wrong / 0)"
     )
     console.print(f"wrote {out}")
+    if "judge" in report:
+        _exit_on_failed_gradings(report["judge"]["counts"], allow_failures)
 
 
 @eval_app.command("report")
@@ -357,12 +393,12 @@ def report_cmd(
 ) -> None:
     """Table 1 (capability scores with run-to-run std, MCQ accuracy, deployment metrics) as markdown and CSV,
     Table 2 (reasoning-planning correlation) and a bar chart."""
-    from drivekd.evaluation.report import write_report
+    from drivekd.evaluation.report import read_bench_report, read_score_report, write_report
 
     try:
-        reports = [json.loads(p.read_text(encoding="utf-8")) for p in scores]
-        bench_report = json.loads(bench.read_text(encoding="utf-8")) if bench else None
-    except (OSError, json.JSONDecodeError) as err:
+        reports = [read_score_report(p) for p in scores]
+        bench_report = read_bench_report(bench) if bench else None
+    except DriveKDError as err:
         raise _fail(err) from None
     files = write_report(reports, out_dir, bench_report)
     print(files["table1_md"].read_text(encoding="utf-8"))
@@ -392,9 +428,9 @@ def serve_cmd(
             for path in samples or []
             for s in load_samples(path, image_root=image_root, check_files=False)[0]
         ]
+        server = JudgeServer(offline_responder(known), port=port, model=model_name)
     except DriveKDError as err:
         raise _fail(err) from None
-    server = JudgeServer(offline_responder(known), port=port, model=model_name)
     console.print(
         f"judge at {server.base_url} (model {model_name}, {len(known)} samples with ground truth); "
         f"use --judge-base-url {server.base_url} --judge-model {model_name}"

@@ -13,9 +13,10 @@ question counts only if every coordinate it mentions is one of them. Counted que
 Coordinates are the ``\\d+\\.\\d+`` numbers of a text taken in pairs, in the challenge's 1600x900 pixel units; a
 predicted pair matches the closest remaining ground-truth pair when their L1 distance is under 16 pixels. The final
 score is 0.4 GPT/100 + 0.2 language + 0.2 match/100 + 0.2 accuracy, with language = mean(BLEU-1..4)/3 + ROUGE-L/3
-+ CIDEr/30. Where upstream would crash (a missing prediction, an empty tag group, an unparsable GPT reply) this
-scorer counts the item as a wrong answer or 0, lists it, and leaves a component with no questions ``null`` (and
-then the final score too).
++ CIDEr/30. Where upstream would crash (a missing prediction, an empty tag group) this scorer counts the item as a
+wrong answer or 0, lists it, and leaves a component with no questions ``null`` (and then the final score too). A GPT
+reply that is not a number and a failed call are not grades: they are left out of the GPT means (each run's mean is
+over the questions it graded), counted per part and listed, so a judge outage never shows as a score of 0.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import openai
 
 from drivekd.data.tags import pixel_tags_in_text
 from drivekd.errors import DataError, DriveKDError
+from drivekd.evaluation.aggregate import accounting, run_stats, status_counts
 from drivekd.evaluation.evaluate import provenance
 from drivekd.evaluation.judge import JudgeConfig, JudgeResult, JudgeTask, public_config, run_judge
 from drivekd.evaluation.predictions import read_predictions
@@ -280,10 +282,19 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _gpt_runs(ids: Sequence[str], results: Sequence[JudgeResult], runs: int) -> list[float]:
-    """Per run, the mean GPT score over ``ids`` (0 for a missing answer, an unparsed reply or a failed call)."""
-    scores = {(r.sample_id, r.run): r.score or 0.0 for r in results}
-    return [sum(scores.get((i, run), 0.0) for i in ids) / len(ids) for run in range(runs)]
+def _gpt_runs(
+    ids: Sequence[str], answered: set[str], results: Sequence[JudgeResult], runs: int
+) -> list[float | None]:
+    """Per run, the mean GPT score over the questions it graded: a question without an answer scores 0 (no call),
+    an unparsed reply or a failed call is left out; ``None`` for a run that graded none of ``ids``."""
+    scores = {(r.sample_id, r.run): r.score for r in results if r.status == "ok"}
+    out: list[float | None] = []
+    for run in range(runs):
+        graded = [
+            scores[i, run] if i in answered else 0.0 for i in ids if i not in answered or (i, run) in scores
+        ]
+        out.append(sum(graded) / len(graded) if graded else None)
+    return out
 
 
 def score_drivelm(
@@ -338,27 +349,26 @@ def score_drivelm(
             JudgeTask(i, "drivelm_gpt", prompt.messages(qa.answer, answers[i])) for i, qa in asked.items()
         ]
         results = run_judge(tasks, judge, client=client, progress=progress)
+        counts: dict[str, Any] = status_counts(results)
+        counts["per_part"] = {}
         for tag, name in ((1, "chatgpt"), (3, "match_gpt")):
-            runs = _gpt_runs([qa.id for qa in by_tag[tag]], results, judge.runs) if by_tag[tag] else []
-            report[name], report[f"{name}_runs"] = _mean(runs), runs
+            ids = [qa.id for qa in by_tag[tag]]
+            runs = _gpt_runs(ids, set(asked), results, judge.runs) if ids else []
+            report[name], report[f"{name}_runs"] = run_stats(runs)["mean"] if runs else None, runs
+            counts["per_part"][name] = status_counts(r for r in results if r.sample_id in set(ids))
         if report["match_f1"] is not None and report["match_gpt"] is not None:
             report["match"] = (report["match_f1"] + report["match_gpt"]) / 2.0
         report["judged"].update(chatgpt=True, match=True)
         report["judge"] = {
             "config": public_config(judge),
             "provenance": provenance(judge, prompt),
-            "counts": {s: sum(r.status == s for r in results) for s in ("ok", "unparsed", "failed")},
+            "counts": counts,
             "failures": [
                 {"id": r.sample_id, "run": r.run, "status": r.status, "error": r.error}
                 for r in results
                 if r.status != "ok"
             ],
-            "accounting": {
-                "calls": sum(r.calls for r in results),
-                "cache_hits": sum(r.cached for r in results),
-                "prompt_tokens": sum(r.prompt_tokens for r in results),
-                "completion_tokens": sum(r.completion_tokens for r in results),
-            },
+            "accounting": accounting(results),
         }
     report["final_score"] = final_score(
         report["chatgpt"], report["language_score"], report["match"], accuracy

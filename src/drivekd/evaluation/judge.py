@@ -6,12 +6,15 @@ reads the last "Total Score: N" and re-asks once when there is none; ``drivebenc
 ``evaluate/request.py``) sends temperature 0 and reads the first "Total Score: N" (up to 3 digits), and
 ``drivelm`` (the DriveLM challenge's ``gpt_eval.py``) sends temperature 0.6 and reads the whole reply as a bare
 number; neither re-asks. A reply without a score is recorded as "unparsed". Calls run concurrently up to a limit,
-time out, and are retried with exponential backoff on 429, 5xx, timeouts and connection errors; other errors fail
-at once. A failed grading is recorded as "failed" with its error. Replies are cached under a key of every setting
+time out, and are retried with exponential backoff on 429, 5xx, timeouts, connection errors and malformed 200 replies
+(not JSON, or without ``choices``); other errors fail at once. A failed grading is recorded as "failed" with its
+error and never cached, so a rerun asks again; unparsed and failed gradings are not grades and never enter a mean
+(:mod:`drivekd.evaluation.aggregate`). Replies are cached under a key of every setting
 that shapes a grade (:mod:`drivekd.evaluation.cache`), so a rerun only pays for what is missing, and a cache that
 holds grades of the same prompts made under other settings is refused rather than mixed.
 
-The API key is read from the environment variable named in the config; it is never stored, logged or written.
+The API key is read from the environment variable named in the config; it is never stored, logged or written, and
+never sent over plain http to a host other than this machine.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ class JudgeConfig(BaseModel):
         ``overrides`` (``None`` values are ignored)."""
         data: dict[str, Any] = {}
         if path is not None:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            data = _read_config_file(Path(path))
             if not isinstance(data, dict):
                 raise DriveKDError(f"{path}: a judge config must be a mapping of settings")
             if "api_key" in data:
@@ -137,9 +140,17 @@ class JudgeConfig(BaseModel):
             return False
 
     def api_key(self) -> str:
-        """The key from the environment; a local endpoint (127.0.0.1, localhost) may run without one."""
+        """The key from the environment; a local endpoint (127.0.0.1, localhost) may run without one. A key is
+        refused for a plain-http endpoint on another host, where it would cross the network in clear."""
         key = os.environ.get(self.api_key_env)
         if key:
+            scheme = urlparse(self.base_url).scheme
+            if scheme != "https" and not self.is_local():
+                raise DriveKDError(
+                    f"refusing to send the API key in {self.api_key_env} over plain {scheme or 'http'} to "
+                    f"{urlparse(self.base_url).hostname}: use an https:// judge base URL (or a judge on "
+                    "127.0.0.1 / localhost)"
+                )
             return key
         if self.is_local():
             return "not-needed"
@@ -147,6 +158,23 @@ class JudgeConfig(BaseModel):
             f"the judge at {self.base_url} needs an API key: set the environment variable {self.api_key_env} "
             "(or name another variable with api_key_env)"
         )
+
+
+def _read_config_file(path: Path) -> Any:
+    """The settings of a judge config file, or one error that names the file and what to do."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise DriveKDError(f"{path}: no such judge config file (check the --judge-config path)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DriveKDError(f"{path}: cannot read the judge config ({err}); pass a YAML/JSON file") from None
+    except yaml.YAMLError as err:
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DriveKDError(
+            f"{path}: not valid YAML{where} ({problem}); fix the --judge-config file"
+        ) from None
 
 
 def parse_total(reply: str | None) -> float | None:
@@ -198,6 +226,20 @@ class JudgeResult:
     cached: bool = False
 
 
+class MalformedReply(Exception):
+    """A 200 reply that is not a chat completion (not JSON, or without ``choices``): a failed call, retried."""
+
+
+def _reply_text(response: Any) -> str:
+    """The completion's text; :class:`MalformedReply` when the reply is not a chat completion with choices."""
+    if isinstance(response, str):
+        raise MalformedReply(f"the reply is not JSON: {response[:200]!r}")
+    if not getattr(response, "choices", None):
+        raise MalformedReply("a 200 reply without choices")
+    message = response.choices[0].message
+    return (message.content if message is not None else None) or ""
+
+
 class JudgeCallError(Exception):
     """A call that failed for good (a non-retryable error, or retries used up)."""
 
@@ -215,6 +257,8 @@ class _Reply:
 
 
 def _retryable(err: Exception) -> bool:
+    if isinstance(err, MalformedReply | ValueError):  # ValueError: a JSON reply body that does not parse
+        return True
     if isinstance(err, openai.APIStatusError):
         return err.status_code == 429 or err.status_code >= 500
     return isinstance(err, openai.APITimeoutError | openai.APIConnectionError)
@@ -255,20 +299,16 @@ class Judge:
                 response = await self.client.chat.completions.create(
                     model=cfg.model, messages=messages, **kwargs
                 )
+                text = _reply_text(response)
             except Exception as err:
-                if (
-                    not isinstance(err, openai.OpenAIError)
-                    or not _retryable(err)
-                    or attempt == cfg.max_retries
-                ):
+                if not _retryable(err) or attempt == cfg.max_retries:
                     raise JudgeCallError(self._redact(f"{type(err).__name__}: {err}"), calls) from None
                 delay = min(cfg.max_backoff_s, cfg.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
                 await asyncio.sleep(min(cfg.max_backoff_s, max(delay, _retry_after(err) or 0.0)))
                 continue
-            usage = response.usage
-            text = response.choices[0].message.content if response.choices else None
+            usage = getattr(response, "usage", None)
             return _Reply(
-                text or "",
+                text,
                 usage.prompt_tokens if usage else 0,
                 usage.completion_tokens if usage else 0,
                 calls,

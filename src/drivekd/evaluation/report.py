@@ -19,9 +19,75 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from drivekd.data.schema import CAPABILITIES
+from drivekd.errors import DataError
 
 COLUMNS = ("perception", "reasoning", "planning", "avg")
 HEADINGS = {"perception": "Perception", "reasoning": "Reasoning", "planning": "Planning", "avg": "Avg."}
+
+
+# What the tables read from each input: (dotted key path, what it is); checked before anything is written.
+_SCORE_KEYS = ("model", "mcq", "mcq.strict", "mcq.strict.overall", "mcq.drivebench", "mcq.drivebench.overall")
+_BENCH_ROW_KEYS = ("name", "peak_memory_gb", "throughput_tok_s", "ttft_s_median")
+
+
+def _read_json(path: Path, kind: str, command: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(
+            str(path), None, None, "no such file", hint=f"pass {kind} written by `{command}`"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(
+            str(path),
+            None,
+            None,
+            f"cannot read it as JSON ({err})",
+            hint=f"pass {kind} written by `{command}`",
+        ) from None
+
+
+def _missing_key(data: dict[str, Any], keys: Sequence[str]) -> str | None:
+    for dotted in keys:
+        node: Any = data
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return dotted
+            node = node[part]
+    return None
+
+
+def read_score_report(path: str | Path) -> dict[str, Any]:
+    """A score report of ``drivekd eval score``, checked for every key the tables read."""
+    path = Path(path)
+    hint = "pass a score report written by `drivekd eval score`"
+    data = _read_json(path, "a score report", "drivekd eval score")
+    if not isinstance(data, dict):
+        raise DataError(
+            str(path), None, None, f"not a score report (a JSON {type(data).__name__})", hint=hint
+        )
+    missing = _missing_key(data, _SCORE_KEYS)
+    if missing is not None:
+        raise DataError(str(path), None, missing, "missing: not a score report", hint=hint)
+    judge = data.get("judge")
+    if judge is not None and not isinstance(judge, dict):
+        raise DataError(str(path), None, "judge", "must be an object", hint=hint)
+    return data
+
+
+def read_bench_report(path: str | Path) -> dict[str, Any]:
+    """Deployment figures of ``drivekd bench inference``, checked for every key the tables read."""
+    path = Path(path)
+    hint = "pass the --json file written by `drivekd bench inference`"
+    data = _read_json(path, "the --json file", "drivekd bench inference")
+    results = data.get("results") if isinstance(data, dict) else None
+    if not isinstance(results, dict):
+        raise DataError(str(path), None, "results", "missing or not an object", hint=hint)
+    for name, row in results.items():
+        missing = _missing_key(row, _BENCH_ROW_KEYS) if isinstance(row, dict) else "results"
+        if missing is not None:
+            raise DataError(str(path), None, f"results.{name}.{missing}", "missing", hint=hint)
+    return data
 
 
 def _capability_stats(report: dict[str, Any]) -> dict[str, dict[str, Any] | None]:

@@ -8,10 +8,16 @@ the prompt's own ground-truth section. A prompt of another protocol (DriveBench'
 text, which the grader cannot read) gets a reply in the shape it asks for — "Total Score: N" when the prompt names
 that line, else the bare number N — with N a deterministic function of the prompt (:func:`format_check_score`):
 a check of the request and parsing path, not a grade. Token counts in ``usage`` are whitespace-separated words.
+
+Robustness: a threading server with a listen backlog of 128 (bursts of 64+ concurrent clients are queued, not
+reset), every request answered — malformed ones (not JSON, not an object, ``messages`` not a list of
+``{role, content}`` objects, a bad ``Content-Length``) with HTTP 400 and a JSON error, a grader failure with 500 —
+and ``GET /health`` for readiness checks. It binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -23,12 +29,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from drivekd.data.schema import Sample
+from drivekd.errors import DriveKDError
 from drivekd.evaluation.offline import facts_for, facts_from_text, grade
 from drivekd.evaluation.rubrics import format_grade, parse_judge_request
 
 log = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 DEFAULT_MODEL = "drivekd-offline-grader"
+BACKLOG = 128  # pending connections the kernel queues; the default of 5 reset clients in bursts of 32
+MAX_BODY = 64 * 1024 * 1024
 # A responder turns a chat-completions request body into (HTTP status, reply text or error message).
 Responder = Callable[[dict[str, Any]], tuple[int, str]]
 
@@ -76,8 +85,24 @@ def _words(text: Any) -> int:
     return len(text.split()) if isinstance(text, str) else 0
 
 
+def body_problem(body: Any) -> str | None:
+    """Why ``body`` is not a chat-completions request (``None`` when it is one)."""
+    if not isinstance(body, dict):
+        return f"the body must be a JSON object, got {type(body).__name__}"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {role, content} objects"
+    for k, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            return f"messages[{k}] must be an object with a text 'role'"
+        if not isinstance(message.get("content"), str | list):
+            return f"messages[{k}].content must be text (or a list of content parts)"
+    return None
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = 30  # seconds a client may take to send its request (a short body never hangs a thread)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
@@ -94,7 +119,11 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, {"error": {"message": message, "type": "invalid_request_error", "code": status}})
 
     def do_GET(self) -> None:
-        if self.path.rstrip("/") in ("/v1/models", "/models"):
+        if self.path.rstrip("/") == "/health":
+            self._send(
+                HTTPStatus.OK, {"status": "ok", "model": self.server.model, "requests": self.server.requests}
+            )
+        elif self.path.rstrip("/") in ("/v1/models", "/models"):
             model = {"id": self.server.model, "object": "model", "created": 0, "owned_by": "drivekd"}
             self._send(HTTPStatus.OK, {"object": "list", "data": [model]})
         else:
@@ -105,12 +134,28 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.NOT_FOUND, f"no route {self.path}")
             return
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        except (ValueError, json.JSONDecodeError):
+            length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY:
+            self._error(HTTPStatus.BAD_REQUEST, "Content-Length must be a byte count up to 64 MiB")
+            return
+        try:
+            body = json.loads(self.rfile.read(length))
+        except ValueError:  # not JSON, or not UTF-8
             self._error(HTTPStatus.BAD_REQUEST, "the body is not JSON")
             return
+        problem = body_problem(body)
+        if problem is not None:
+            self._error(HTTPStatus.BAD_REQUEST, problem)
+            return
         self.server.count()
-        status, text = self.server.responder(body)
+        try:
+            status, text = self.server.responder(body)
+        except Exception as err:  # a grader bug answers 500 instead of dropping the connection
+            log.exception("the grader failed on a request")
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"the grader failed: {type(err).__name__}: {err}")
+            return
         if status != HTTPStatus.OK:
             self._error(status, text)
             return
@@ -136,6 +181,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = BACKLOG
 
     def __init__(self, port: int, responder: Responder, model: str) -> None:
         super().__init__((HOST, port), _Handler)
@@ -154,7 +200,18 @@ class JudgeServer:
     :meth:`serve_forever` from the command line."""
 
     def __init__(self, responder: Responder, *, port: int = 0, model: str = DEFAULT_MODEL) -> None:
-        self._server = _Server(port, responder, model)
+        try:
+            self._server = _Server(port, responder, model)
+        except OverflowError:
+            raise DriveKDError(f"--port must be within 0..65535, got {port} (0 picks a free port)") from None
+        except OSError as err:
+            why = {
+                errno.EADDRINUSE: "is in use by another program",
+                errno.EACCES: "needs privileges (ports below 1024)",
+            }.get(err.errno or 0, f"cannot be opened ({err.strerror})")
+            raise DriveKDError(
+                f"port {port} on {HOST} {why}: pick another --port, or --port 0 for a free one"
+            ) from None
         self._thread: threading.Thread | None = None
 
     @property
