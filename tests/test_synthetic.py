@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivekd.data.cameras import CAMERAS
+from drivekd.data.cameras import CAMERA_LABELS, CAMERAS
 from drivekd.data.schema import CAPABILITIES, Sample, read_jsonl
 from drivekd.data.synthetic import QUESTION_TYPES, generate_dataset, generate_split
 from drivekd.data.synthetic.questions import GENERAL_TYPES, GROUP_ACTION, STATIONARY
@@ -142,7 +142,9 @@ def test_answers_are_balanced(driving: tuple[Path, list[Sample]]) -> None:
     letters = Counter(r.answer for r in rows if r.kind == "mcq")
     total = sum(letters.values())
     assert set(letters) == {"A", "B", "C", "D"}
-    assert all(0.17 < n / total < 0.33 for n in letters.values()), letters
+    # Options keep each question type's canonical order, so letters follow the answers' frequencies: no letter
+    # may carry a strong prior.
+    assert all(0.12 < n / total < 0.36 for n in letters.values()), letters
     yes_no = Counter(r.answer for r in rows if r.kind == "yes/no")
     assert all(0.35 < yes_no[a] / yes_no.total() < 0.65 for a in ("Yes.", "No.")), yes_no
     behaviour = [r.meta["gt"] for r in rows if r.meta["question_type"] == "ego_behavior"]
@@ -181,3 +183,24 @@ def test_dataset_splits_single_view_and_jpeg(tmp_path: Path) -> None:
     images = sorted(p.name for p in (tmp_path / "images").rglob("*") if p.is_file())
     assert images and set(images) == {"CAM_FRONT.jpg"}
     assert {r.meta["views"] for s in summaries.values() for r in read_jsonl(s.path)} == {"single"}
+
+
+def test_options_keep_the_canonical_order(driving: tuple[Path, list[Sample]]) -> None:
+    _, rows = driving
+    vehicles = ["Going ahead.", "Turn left.", "Turn right.", "Stopped."]
+    cameras = [f"The {CAMERA_LABELS[c].replace('-', ' ')} camera." for c in CAMERAS]
+    seen = 0
+    for r in rows:
+        if r.kind != "mcq" or r.options is None:
+            continue
+        texts = list(r.options.values())
+        if (
+            r.meta["question_type"] == "moving_status"
+            and r.meta["gt"]["objects"][0]["category"] != "pedestrian"
+        ):
+            assert texts == vehicles
+            seen += 1
+        elif r.meta["question_type"] == "multi_view_object_extraction" and texts[0] in cameras:
+            assert texts == sorted(texts, key=cameras.index)
+            seen += 1
+    assert seen > 20

@@ -26,7 +26,7 @@ from drivekd.data.synthetic.scene import sample_scene, sample_shapes
 Views = Literal["single", "multi", "both"]
 Domain = Literal["driving", "general"]
 ImageFormat = Literal["png", "jpg"]
-DEFAULT_SIZE = (256, 144)
+DEFAULT_SIZE = (224, 112)  # the demo teacher's size: 8 x 4 vision tokens of 28 x 28 pixels per camera
 SPLIT_SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 

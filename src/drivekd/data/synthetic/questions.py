@@ -88,43 +88,40 @@ RULE_EXPLANATION = {
     "clear_road": "nothing blocks the ego lane ahead",
 }
 MOTION_CUES = {
-    "going ahead": "its body is aligned with its lane and motion streaks trail it, so it is going ahead",
-    "turn left": "its body is angled left of its lane and its left indicator is lit, so it turns left",
-    "turn right": "its body is angled right of its lane and its right indicator is lit, so it turns right",
-    "stopped": "its brake lights are lit and no motion streaks trail behind it, so it is stopped",
-    "crossing the road": "it strides across the road, so it is crossing the road",
-    "standing still": "its legs are together at the roadside, so it is standing still",
-    "walking along the road": "it strides along the sidewalk, so it is walking along the road",
+    "going ahead": "a cyan arrow above it points up, so it is going ahead",
+    "turn left": "an orange arrow above it points left, so it turns left",
+    "turn right": "a magenta arrow above it points right, so it turns right",
+    "stopped": "a red bar above it shows its brakes are on, so it is stopped",
+    "crossing the road": "a green arrow above it points across, so it is crossing the road",
+    "standing still": "no marker is above it, so it is standing still",
+    "walking along the road": "a green arrow above it points along the road, so it is walking along the road",
 }
-MOTION_OPTIONS = {  # a never-true fourth option keeps pedestrian answers spread over A-D
+MOTION_OPTIONS = {  # options in this order; a never-true first option moves pedestrian answers off vehicles' A
     "vehicle": VEHICLE_MOTIONS,
-    "pedestrian": (*PEDESTRIAN_MOTIONS, "riding a bicycle"),
+    "pedestrian": ("riding a bicycle", *PEDESTRIAN_MOTIONS),
 }
 SHAPE_CUES = {
-    "sedan": "low body with a short cabin",
-    "taxi": "sedan body with a roof sign",
-    "SUV": "tall body with a long cabin",
-    "pickup": "front cabin and open rear bed",
-    "van": "tall single-box body",
-    "truck": "separate cab and tall cargo box",
-    "bus": "long, tall body with a window band",
+    "sedan": "low body with a glass cabin",
+    "van": "tall box body with a window strip",
+    "truck": "tall cargo box and a separate cab",
+    "bus": "long body with a row of windows",
     "pedestrian": "upright human figure",
-    "cyclist": "rider on a bicycle",
-    "traffic light": "three-lamp housing on a mast arm",
+    "cyclist": "rider on two wheels",
+    "traffic light": "three-lamp housing on a pole",
     "stop sign": "red octagon on a pole",
 }
 STEER_CUES = {
-    "going straight": "the lane lines run straight towards the image centre",
-    "slightly steering to the left": "the lane lines converge slightly right of the image centre",
-    "slightly steering to the right": "the lane lines converge slightly left of the image centre",
-    "steering to the left": "the lane lines converge well right of the image centre",
-    "steering to the right": "the lane lines converge well left of the image centre",
+    "going straight": "the ego arrow points straight up",
+    "slightly steering to the left": "the ego arrow leans slightly left",
+    "slightly steering to the right": "the ego arrow leans slightly right",
+    "steering to the left": "the ego arrow leans well left",
+    "steering to the right": "the ego arrow leans well right",
 }
 SPEED_CUES = {
-    "not moving": "the lane dashes are short crisp marks",
-    "driving slowly": "the lane dashes are short",
-    "driving with normal speed": "the lane dashes have medium length",
-    "driving fast": "the lane dashes are long streaks",
+    "not moving": "a red square replaces the ego arrow",
+    "driving slowly": "the ego arrow is short and green",
+    "driving with normal speed": "the ego arrow is medium and orange",
+    "driving fast": "the ego arrow is long and magenta",
 }
 ORDINALS = ("first", "second", "third")
 
@@ -142,9 +139,17 @@ class QA:
 
 
 # --- helpers for building questions ---
-def _options(rng: random.Random, correct: str, distractors: Sequence[str]) -> tuple[dict[str, str], str]:
+def _options(
+    rng: random.Random, correct: str, distractors: Sequence[str], order: Sequence[str] | None = None
+) -> tuple[dict[str, str], str]:
+    """Lettered options and the correct letter. With ``order`` (the question type's canonical list of option
+    texts) the options keep that order, so a letter means the same thing wherever it can; otherwise shuffled."""
     texts = [correct, *distractors]
-    rng.shuffle(texts)
+    if order is None:
+        rng.shuffle(texts)
+    else:
+        rank = {text: k for k, text in enumerate(order)}
+        texts.sort(key=lambda t: (rank.get(t, len(rank)), t))
     options = dict(zip(OPTION_LETTERS, texts, strict=False))
     return options, next(k for k, v in options.items() if v == correct)
 
@@ -226,7 +231,9 @@ class _Asker:
             "answer_text": options[answer] if options else answer,
             "target": target,
         }
-        return QA(qtype, kind, question, answer, rationale, options, tags, gt)
+        return QA(
+            qtype, kind, question, answer, f"{rationale} {_context(gt['environment'])}", options, tags, gt
+        )
 
     def _locate(self, obj: SceneObject, label: str = "c1") -> str:
         cam = _view_label(self.views.camera(obj.id))
@@ -265,7 +272,10 @@ class _Asker:
         family = "pedestrian" if obj.category == "pedestrian" else "vehicle"
         texts = {m: _sentence(m) for m in MOTION_OPTIONS[family]}
         options, letter = _options(
-            self.rng, texts[obj.motion], [t for m, t in texts.items() if m != obj.motion]
+            self.rng,
+            texts[obj.motion],
+            [t for m, t in texts.items() if m != obj.motion],
+            list(texts.values()),
         )
         question = _with_options("What is the moving status of object {0}?", options)
         rationale = f"{self._locate(obj)}. {_sentence(MOTION_CUES[obj.motion])}"
@@ -289,6 +299,8 @@ class _Asker:
             f"{self._locate(obj)}; its {SHAPE_CUES[obj.category]} and {obj.colour} colour identify it as "
             f"{article(desc)}."
         )
+        if obj.is_road_user:
+            rationale += f" Motion: {obj.motion}."
         kind = self.rng.choice(("open", "mcq", "yes/no"))
         if kind == "open":
             return self._qa(
@@ -304,7 +316,7 @@ class _Asker:
         if kind == "mcq":
             wrong = _similar_descriptions(self.rng, obj)
             options, letter = _options(
-                self.rng, _sentence(article(desc)), [_sentence(article(w)) for w in wrong]
+                self.rng, _sentence(article(desc)), [_sentence(article(w)) for w in wrong], _DESCRIPTION_ORDER
             )
             question = _with_options("What is the object {0}?", options)
             return self._qa(
@@ -372,7 +384,9 @@ class _Asker:
             cam = self.views.camera(obj.id)
             others = self.rng.sample([c for c in CAMERAS if c not in shown], 3)
             label = {c: f"The {_view_label(c)} camera." for c in CAMERAS}
-            options, letter = _options(self.rng, label[cam], [label[c] for c in others])
+            options, letter = _options(
+                self.rng, label[cam], [label[c] for c in others], [label[c] for c in CAMERAS]
+            )
             question = _with_options(f"In which camera view is the {describe(obj)} visible?", options)
             rationale = f"{self._locate(obj, 'the target')}; it appears in no other listed view."
             return self._qa(
@@ -389,7 +403,10 @@ class _Asker:
         absent = [d for d in (_describe(*p) for p in _description_pool()) if d not in present]
         wrong = self.rng.sample(absent, 3)
         options, letter = _options(
-            self.rng, _sentence(article(describe(obj))), [_sentence(article(w)) for w in wrong]
+            self.rng,
+            _sentence(article(describe(obj))),
+            [_sentence(article(w)) for w in wrong],
+            _DESCRIPTION_ORDER,
         )
         where_seen = "front view" if self.views.kind == "single" else "surround views"
         question = _with_options(f"Which of the following objects can be seen in the {where_seen}?", options)
@@ -496,7 +513,12 @@ class _Asker:
         def text(steer: str, speed: str) -> str:
             return f"The ego vehicle is {steer}. The ego vehicle is {speed}."
 
-        options, letter = _options(self.rng, text(ego.steer, ego.speed), [text(*c) for c in wrong])
+        options, letter = _options(
+            self.rng,
+            text(ego.steer, ego.speed),
+            [text(*c) for c in wrong],
+            [text(s, v) for s in STEERS for v in SPEEDS],
+        )
         question = _with_options("Predict the behavior of the ego vehicle.", options)
         rationale = (
             f"{_cap(STEER_CUES[ego.steer])}, so the ego vehicle is {ego.steer}; {SPEED_CUES[ego.speed]}, so "
@@ -526,7 +548,7 @@ class _Asker:
             if fired and (fired[1] != "keep" or obj.id == self.decision.trigger)
             else self.decision.rule
         )
-        rationale = f"{self._locate(obj)}; {RULE_EXPLANATION[rule]}."
+        rationale = f"{self._locate(obj)}; {RULE_EXPLANATION[rule]}, with {probability} probability."
         if self.rng.random() < 0.5:
             answer = f"The action is to {action}. The reason is that {reason}, which has a {probability} "
             answer += "probability."
@@ -545,7 +567,7 @@ class _Asker:
         main = [a for a in pool if a in GROUP_ACTION.values() or a == STATIONARY]
         wrong = self.rng.sample(main, min(2, len(main)))
         wrong += self.rng.sample([a for a in pool if a not in wrong], 3 - len(wrong))
-        options, letter = _options(self.rng, _sentence(action), [_sentence(a) for a in wrong])
+        options, letter = _options(self.rng, _sentence(action), [_sentence(a) for a in wrong], _ACTION_ORDER)
         question = _with_options("Based on {0}, what should the ego vehicle do?", options)
         return self._qa(
             "rationale_grounded_planning",
@@ -565,8 +587,6 @@ class _Asker:
         if self.rng.random() < 0.5:
             answer = _sentence(", ".join(d.safe))
             rationale = f"{because}, so the ego vehicle should {d.action}"
-            if d.risky:
-                rationale += f"; it should not {_join(d.risky[:3])}"
             return self._qa(
                 "safe_action_set",
                 "open",
@@ -599,7 +619,7 @@ class _Asker:
         if hits and self.rng.random() < 0.5:
             hit = self.rng.choice(hits)
             options, letter = _options(
-                self.rng, _sentence(hit), [_sentence(a) for a in self.rng.sample(harmless, 3)]
+                self.rng, _sentence(hit), [_sentence(a) for a in self.rng.sample(harmless, 3)], _ACTION_ORDER
             )
             question = _with_options("Which action could lead to a collision with {0}?", options)
             return self._qa(
@@ -624,12 +644,30 @@ class _Asker:
         )
 
 
+def _context(environment: dict[str, Any]) -> str:
+    """The scene facts every rationale ends with: weather, the visible traffic light, junction features."""
+    parts = [f"{environment['weather']} weather"]
+    if environment["traffic_light"]:
+        parts.append(f"a {environment['traffic_light']} light")
+    parts += [article(name) for name in ("intersection", "crosswalk") if environment[name]]
+    if environment["stop_sign"]:
+        parts.append("a stop sign")
+    return f"Scene: {', '.join(parts)}."
+
+
 def _description_pool() -> list[tuple[str, str]]:
     """Every (category, colour) the generator can draw."""
-    vehicles = [(v, c) for v in VEHICLE_SIZES if v != "taxi" for c in VEHICLE_COLOURS]
+    vehicles = [(v, c) for v in VEHICLE_SIZES for c in VEHICLE_COLOURS]
     people = [(p, c) for p in ("pedestrian", "cyclist") for c in CLOTHES_COLOURS]
     signals = [("traffic light", s) for s in LIGHT_STATES]
-    return [*vehicles, ("taxi", "yellow"), *people, *signals, ("stop sign", "red")]
+    return [*vehicles, *people, *signals, ("stop sign", "red")]
+
+
+_DESCRIPTION_ORDER = [_sentence(article(_describe(*p))) for p in _description_pool()]
+# Main actions interleaved with the rest, so that the right answer (usually a main action) is not always first.
+_ACTION_ORDER = [_sentence(a) for pair in zip(ACTIONS[5:], ACTIONS[:5], strict=False) for a in pair] + [
+    _sentence(a) for a in ACTIONS[10:]
+]
 
 
 def _similar_descriptions(rng: random.Random, obj: SceneObject) -> list[str]:
@@ -647,8 +685,7 @@ def _similar_descriptions(rng: random.Random, obj: SceneObject) -> list[str]:
 
 def _other_category(rng: random.Random, category: str) -> str:
     if category in VEHICLE_SIZES:
-        confusable = {"sedan": "taxi", "taxi": "sedan"}.get(category)
-        return rng.choice([c for c in VEHICLE_SIZES if c not in (category, confusable)])
+        return rng.choice([c for c in VEHICLE_SIZES if c != category])
     return rng.choice([c for c in ("pedestrian", "cyclist", "traffic light", "stop sign") if c != category])
 
 

@@ -20,7 +20,6 @@ from drivekd.data.synthetic.scene import (
     LANE_WIDTH,
     ROAD_END,
     ROAD_START,
-    TURN_ANGLE,
     Ego,
     Scene,
     SceneObject,
@@ -75,42 +74,37 @@ DASH_FRACTION = {
     "driving fast": 0.7,
 }
 
-# Vehicle parts: rear and front as fractions of the length, width fraction, z0, z1, role, glass band or None.
-Part = tuple[float, float, float, float, float, str, tuple[float, float] | None]
-_SEDAN: tuple[Part, ...] = (
-    (0.03, 0.97, 0.92, 0.0, 0.35, "tyre", None),
-    (0.0, 1.0, 1.0, 0.3, 0.85, "body", None),
-    (0.25, 0.75, 0.9, 0.85, 1.42, "body", (0.92, 1.36)),
-)
-VEHICLE_PARTS: dict[str, tuple[Part, ...]] = {
-    "sedan": _SEDAN,
-    "taxi": (*_SEDAN, (0.44, 0.56, 0.4, 1.42, 1.68, "sign", None)),
-    "SUV": (
-        (0.03, 0.97, 0.92, 0.0, 0.4, "tyre", None),
-        (0.0, 1.0, 1.0, 0.35, 1.0, "body", None),
-        (0.1, 0.8, 0.94, 1.0, 1.78, "body", (1.06, 1.7)),
-    ),
-    "pickup": (
-        (0.03, 0.97, 0.92, 0.0, 0.42, "tyre", None),
-        (0.0, 1.0, 1.0, 0.4, 1.05, "body", None),
-        (0.45, 0.8, 0.94, 1.05, 1.85, "body", (1.12, 1.78)),
-    ),
-    "van": (
-        (0.03, 0.97, 0.92, 0.0, 0.38, "tyre", None),
-        (0.0, 1.0, 1.0, 0.35, 2.15, "body", (1.4, 1.95)),
-    ),
-    "truck": (
-        (0.02, 0.98, 0.9, 0.0, 0.55, "tyre", None),
-        (0.0, 0.76, 1.0, 0.6, 3.4, "cargo", None),
-        (0.78, 1.0, 1.0, 0.5, 2.9, "body", (1.8, 2.6)),
-    ),
-    "bus": (
-        (0.02, 0.98, 0.94, 0.0, 0.4, "tyre", None),
-        (0.0, 1.0, 1.0, 0.35, 3.1, "body", (1.5, 2.6)),
-    ),
+# Icons (schematic, in units of U, the icon scale in pixels; x right, y down from the ground contact point):
+# every object is drawn as a large flat silhouette so that its category, colour and motion cover several
+# vision tokens, whatever its distance (the icon shrinks with distance only down to ICON_MIN).
+ICON_K = 3.0  # U = focal * ICON_K / depth, clamped to [ICON_MIN, ICON_MAX] x image height
+ICON_MIN, ICON_MAX = 0.2, 0.42
+OUTLINE = (16, 16, 20)
+# Motion markers drawn above a road user (colour, shape).
+MARKER: dict[str, tuple[Colour, str]] = {
+    "going ahead": ((0, 220, 255), "up"),
+    "turn left": ((255, 150, 0), "left"),
+    "turn right": ((255, 0, 220), "right"),
+    "stopped": ((255, 24, 24), "bar"),
+    "crossing the road": ((150, 255, 0), "across"),
+    "walking along the road": ((150, 255, 0), "along"),
 }
-LAMP_BAND = {"sedan": 0.55, "taxi": 0.55, "SUV": 0.65, "pickup": 0.7, "van": 0.65, "truck": 0.85, "bus": 0.7}
-ANCHOR_Z = {"pedestrian": 1.15, "cyclist": 1.22, "traffic light": 5.1, "stop sign": 2.45}
+# The ego vehicle's own motion, drawn at the bottom centre of CAM_FRONT: arrow tilt per steer (degrees, left
+# negative) and arrow length (fraction of the image height) and colour per speed.
+EGO_TILT = {
+    "going straight": 0.0,
+    "slightly steering to the left": -20.0,
+    "slightly steering to the right": 20.0,
+    "steering to the left": -48.0,
+    "steering to the right": 48.0,
+}
+EGO_ARROW: dict[str, tuple[float, Colour]] = {
+    "not moving": (0.0, (255, 24, 24)),
+    "driving slowly": (0.14, (60, 255, 60)),
+    "driving with normal speed": (0.23, (255, 170, 0)),
+    "driving fast": (0.32, (255, 0, 255)),
+}
+ANCHOR_Z = {"traffic light": 5.1, "stop sign": 2.45}
 
 
 @dataclass(frozen=True)
@@ -324,205 +318,221 @@ class _Painter:
             x += DASH_PERIOD
 
     # --- objects ---
-    def streaks(self, obj: SceneObject) -> None:
-        """Motion streaks on the ground behind a moving vehicle or cyclist, along the lane it came from."""
-        if obj.motion not in ("going ahead", "turn left", "turn right") or obj.category == "pedestrian":
-            return
-        length, width = obj.size
-        approach = obj.heading + {"turn left": -TURN_ANGLE, "turn right": TURN_ANGLE}.get(obj.motion, 0.0)
-        body = _Box(obj.x, obj.y, obj.heading, -length / 2, length / 2, -width / 2, width / 2, 0.0, 0.0)
-        rear = body.world(-length / 2, 0.0, 0.0)
-        trail = _Box(rear[0], rear[1], approach, -4.0, -0.3, 0.0, 0.0, 0.0, 0.0)
-        offsets = (0.0,) if obj.category == "cyclist" else (-width / 2 + 0.35, width / 2 - 0.35)
-        for off in offsets:
-            self.poly(
-                [
-                    trail.world(-0.3, off - 0.09, 0.0),
-                    trail.world(-4.0, off - 0.09, 0.0),
-                    trail.world(-4.0, off + 0.09, 0.0),
-                    trail.world(-0.3, off + 0.09, 0.0),
-                ],
-                STREAK,
-            )
+    def rect(self, icon: Icon, x0: float, y0: float, x1: float, y1: float, fill: Colour) -> None:
+        """A rectangle in icon units, outlined."""
+        u, v, s = icon.u, icon.v, icon.unit
+        self.draw.rectangle(
+            [u + x0 * s, v + y0 * s, u + x1 * s, v + y1 * s],
+            fill=fill,
+            outline=OUTLINE,
+            width=max(1, round(s / 24)),
+        )
 
-    def vehicle(self, obj: SceneObject) -> None:
-        length, width = obj.size
-        colour = RGB[obj.colour]
-        parts = sorted(VEHICLE_PARTS[obj.category], key=lambda p: -self._part_distance(obj, p))
-        for rear, front, wfrac, z0, z1, role, glass in parts:
-            half = width * wfrac / 2
-            box = _Box(
-                obj.x, obj.y, obj.heading, (rear - 0.5) * length, (front - 0.5) * length, -half, half, z0, z1
-            )
-            fill = {"body": colour, "tyre": TYRE, "cargo": (214, 214, 208), "sign": (250, 236, 150)}[role]
-            faces = self.box(box, fill)
-            if glass is not None:
-                self._glass(box, faces, glass)
-        self._lamps(obj)
+    def disc(self, icon: Icon, x: float, y: float, r: float, fill: Colour) -> None:
+        u, v, s = icon.u + x * icon.unit, icon.v + y * icon.unit, icon.unit
+        self.draw.ellipse([u - r * s, v - r * s, u + r * s, v + r * s], fill=fill, outline=OUTLINE)
 
-    def _part_distance(self, obj: SceneObject, part: Part) -> float:
-        length = obj.size[0]
-        mid = ((part[0] + part[1]) / 2 - 0.5) * length
-        x, y = obj.x + mid * math.cos(obj.heading), obj.y + mid * math.sin(obj.heading)
-        return math.hypot(x, y - self.eye[1])
+    def vehicle(self, obj: SceneObject, icon: Icon) -> None:
+        body = RGB[obj.colour]
+        w, h = ICON_SHAPE[obj.category]
+        if obj.category == "sedan":
+            self.rect(icon, -0.5, -h, 0.45, -0.55, GLASS)
+            self.rect(icon, -w / 2, -0.6, w / 2, -0.12, body)
+        elif obj.category == "van":
+            self.rect(icon, -w / 2, -h, w / 2, -0.12, body)
+            self.rect(icon, -w / 2 + 0.12, -h + 0.15, w / 2 - 0.12, -h + 0.45, GLASS)
+        elif obj.category == "truck":
+            self.rect(icon, -w / 2, -h, 0.45, -0.12, body)
+            self.rect(icon, 0.55, -1.0, w / 2, -0.12, body)
+            self.rect(icon, 0.68, -0.88, w / 2 - 0.1, -0.58, GLASS)
+        else:  # bus
+            self.rect(icon, -w / 2, -h, w / 2, -0.12, body)
+            for k in range(4):
+                x0 = -w / 2 + 0.15 + k * (w - 0.3) / 4
+                self.rect(icon, x0 + 0.04, -h + 0.18, x0 + (w - 0.3) / 4 - 0.04, -h + 0.55, GLASS)
+        for x in (-w / 2 + 0.35, w / 2 - 0.35):
+            self.disc(icon, x, -0.14, 0.15, TYRE)
 
-    def _glass(self, box: _Box, faces: dict[str, list[Point]], band: tuple[float, float]) -> None:
-        inset_x, inset_y = (box.x1 - box.x0) * 0.08, (box.y1 - box.y0) * 0.1
-        z0, z1 = band
-        quads = {
-            "front": [(box.x1 + 0.02, box.y0 + inset_y), (box.x1 + 0.02, box.y1 - inset_y)],
-            "rear": [(box.x0 - 0.02, box.y1 - inset_y), (box.x0 - 0.02, box.y0 + inset_y)],
-            "left": [(box.x1 - inset_x, box.y1 + 0.02), (box.x0 + inset_x, box.y1 + 0.02)],
-            "right": [(box.x0 + inset_x, box.y0 - 0.02), (box.x1 - inset_x, box.y0 - 0.02)],
-        }
-        for name, ((ax, ay), (bx, by)) in quads.items():
-            if name in faces:
-                w = box.world
-                self.poly([w(ax, ay, z0), w(bx, by, z0), w(bx, by, z1), w(ax, ay, z1)], GLASS)
-
-    def _lamps(self, obj: SceneObject) -> None:
-        length, width = obj.size
-        body = _Box(obj.x, obj.y, obj.heading, -length / 2, length / 2, -width / 2, width / 2, 0.0, 1.0)
-        faces = self.visible_faces(body)
-        z = LAMP_BAND[obj.category]
-        half, w = width / 2, body.world
-
-        def lamp(x: float, ya: float, yb: float, z0: float, z1: float, colour: Colour) -> None:
-            self.poly([w(x, ya, z0), w(x, yb, z0), w(x, yb, z1), w(x, ya, z1)], colour)
-
-        rear_x, front_x = -length / 2 - 0.03, length / 2 + 0.03
-        for side in (-1, 1):
-            if "rear" in faces:
-                lamp(
-                    rear_x,
-                    side * (half - 0.5),
-                    side * (half - 0.08),
-                    z,
-                    z + 0.22,
-                    BRAKE_ON if obj.motion == "stopped" else BRAKE_OFF,
-                )
-            if "front" in faces:
-                lamp(front_x, side * (half - 0.5), side * (half - 0.08), z, z + 0.2, HEADLIGHT)
-        side = {"turn left": 1, "turn right": -1}.get(obj.motion)
-        if side is None:
-            return
-        for x, face in ((rear_x, "rear"), (front_x, "front")):
-            if face in faces:
-                lamp(x, side * (half - 0.45), side * (half - 0.02), z + 0.26, z + 0.55, INDICATOR)
-        flank = "left" if side > 0 else "right"
-        if flank in faces:
-            y = side * (half + 0.03)
-            self.poly(
-                [
-                    w(length / 2 - 1.0, y, z),
-                    w(length / 2 - 0.3, y, z),
-                    w(length / 2 - 0.3, y, z + 0.35),
-                    w(length / 2 - 1.0, y, z + 0.35),
-                ],
-                INDICATOR,
-            )
-
-    def pedestrian(self, obj: SceneObject) -> None:
-        h = obj.heading
+    def pedestrian(self, obj: SceneObject, icon: Icon) -> None:
         if obj.motion == "standing still":
-            self.box(_Box(obj.x, obj.y, h, -0.12, 0.12, -0.18, 0.18, 0.0, 0.85), TROUSERS)
+            self.rect(icon, -0.16, -0.62, 0.16, 0.0, TROUSERS)
         else:
-            legs = sorted(((0.17, 0.09), (-0.17, -0.09)), key=lambda s: -self._local_distance(obj, *s))
-            for lx, ly in legs:
-                self.box(_Box(obj.x, obj.y, h, lx - 0.1, lx + 0.1, ly - 0.09, ly + 0.09, 0.0, 0.85), TROUSERS)
-        self.box(_Box(obj.x, obj.y, h, -0.15, 0.15, -0.26, 0.26, 0.85, 1.47), RGB[obj.colour])
-        self.box(_Box(obj.x, obj.y, h, -0.11, 0.11, -0.11, 0.11, 1.49, 1.74), SKIN)
+            self.draw.polygon(
+                _scaled(icon, [(-0.34, 0.0), (-0.14, 0.0), (0.0, -0.62), (-0.1, -0.62)]), TROUSERS
+            )
+            self.draw.polygon(_scaled(icon, [(0.34, 0.0), (0.14, 0.0), (0.0, -0.62), (0.1, -0.62)]), TROUSERS)
+        self.rect(icon, -0.38, -1.22, 0.38, -0.6, RGB[obj.colour])
+        self.disc(icon, 0.0, -1.38, 0.16, SKIN)
 
-    def cyclist(self, obj: SceneObject) -> None:
-        h = obj.heading
-        self.box(_Box(obj.x, obj.y, h, -0.85, 0.85, -0.12, 0.12, 0.15, 0.85), TYRE)
-        self.box(_Box(obj.x, obj.y, h, -0.3, 0.1, -0.24, 0.24, 0.9, 1.52), RGB[obj.colour])
-        self.box(_Box(obj.x, obj.y, h, -0.05, 0.17, -0.11, 0.11, 1.54, 1.78), SKIN)
+    def cyclist(self, obj: SceneObject, icon: Icon) -> None:
+        for x in (-0.45, 0.45):
+            self.disc(icon, x, -0.3, 0.28, TYRE)
+        self.draw.line(
+            _scaled(icon, [(-0.45, -0.3), (0.0, -0.62), (0.45, -0.3)]),
+            fill=POLE,
+            width=max(2, round(icon.unit / 10)),
+        )
+        self.rect(icon, -0.24, -1.22, 0.24, -0.6, RGB[obj.colour])
+        self.disc(icon, 0.05, -1.38, 0.16, SKIN)
 
-    def _local_distance(self, obj: SceneObject, lx: float, ly: float) -> float:
-        c, s = math.cos(obj.heading), math.sin(obj.heading)
-        return math.hypot(obj.x + lx * c - ly * s, obj.y + lx * s + ly * c - self.eye[1])
-
-    def traffic_light(self, obj: SceneObject) -> None:
-        pole_y = self.scene.road.right_edge - 0.8
-        self.box(_Box(obj.x, pole_y, 0.0, -0.12, 0.12, -0.12, 0.12, 0.0, 6.4), POLE)
-        self.box(_Box(obj.x, 0.0, 0.0, -0.08, 0.08, pole_y, obj.y + 0.45, 6.2, 6.36), POLE)
-        faces = self.box(_Box(obj.x, obj.y, 0.0, -0.25, 0.25, -0.45, 0.45, 4.0, 6.2), (26, 26, 30))
-        if "rear" not in faces:
-            return
-        for state, z in LAMP_Z.items():
-            centre = self.cam.to_cam((obj.x - 0.27, obj.y, z))
-            if centre[0] < NEAR:
-                continue
-            u, v = self.cam.project(centre)
-            r = self.cam.focal * 0.3 / centre[0]
+    def traffic_light(self, obj: SceneObject, icon: Icon) -> None:
+        ground = self.cam.project(self.cam.to_cam((obj.x, self.scene.road.right_edge - 0.8, 0.0)))
+        self.draw.line([(icon.u, icon.v), (icon.u, ground[1])], fill=POLE, width=max(2, round(icon.unit / 8)))
+        self.rect(icon, -0.45, -1.0, 0.45, 1.0, (26, 26, 30))
+        for state, y in (("red", -0.62), ("yellow", 0.0), ("green", 0.62)):
             lit = state == obj.colour
-            self.draw.ellipse([u - r, v - r, u + r, v + r], fill=LAMP_ON[state] if lit else LAMP_OFF[state])
+            self.disc(icon, 0.0, y, 0.36 if lit else 0.24, LAMP_ON[state] if lit else LAMP_OFF[state])
 
-    def stop_sign(self, obj: SceneObject) -> None:
-        self.box(_Box(obj.x, obj.y, 0.0, -0.05, 0.05, -0.05, 0.05, 0.0, 2.0), POLE)
-        centre = self.cam.to_cam((obj.x, obj.y, ANCHOR_Z["stop sign"]))
-        if centre[0] < NEAR:
-            return
-        u, v = self.cam.project(centre)
-        r = self.cam.focal * 0.55 / centre[0]
+    def stop_sign(self, obj: SceneObject, icon: Icon) -> None:
+        self.draw.line(
+            [(icon.u, icon.v), (icon.u, icon.v + 1.4 * icon.unit)],
+            fill=POLE,
+            width=max(2, round(icon.unit / 8)),
+        )
         octagon = [
-            (u + r * math.cos(math.pi / 8 + k * math.pi / 4), v + r * math.sin(math.pi / 8 + k * math.pi / 4))
+            (0.62 * math.cos(math.pi / 8 + k * math.pi / 4), 0.62 * math.sin(math.pi / 8 + k * math.pi / 4))
             for k in range(8)
         ]
-        self.draw.polygon(octagon, fill=(250, 250, 250))
-        inner = [(u + (p[0] - u) * 0.84, v + (p[1] - v) * 0.84) for p in octagon]
-        self.draw.polygon(inner, fill=(204, 22, 28))
-        self.draw.rectangle([u - 0.6 * r, v - 0.13 * r, u + 0.6 * r, v + 0.13 * r], fill=(250, 250, 250))
+        self.draw.polygon(_scaled(icon, octagon), fill=(250, 250, 250))
+        self.draw.polygon(_scaled(icon, [(x * 0.84, y * 0.84) for x, y in octagon]), fill=(204, 22, 28))
+        self.rect(icon, -0.36, -0.08, 0.36, 0.08, (250, 250, 250))
 
-    def object(self, obj: SceneObject) -> None:
-        if obj.is_vehicle:
-            self.vehicle(obj)
-        elif obj.category == "pedestrian":
-            self.pedestrian(obj)
-        elif obj.category == "cyclist":
-            self.cyclist(obj)
-        elif obj.category == "traffic light":
-            self.traffic_light(obj)
+    def marker(self, obj: SceneObject, icon: Icon) -> None:
+        """The road user's motion marker above its icon."""
+        if obj.motion not in MARKER:
+            return
+        colour, shape = MARKER[obj.motion]
+        top = icon.box[1] - 0.1 * icon.unit
+        u, s = icon.u, icon.unit
+        width = max(2, round(s / 7))
+        head = 0.22 * s
+        if shape == "bar":
+            self.draw.rectangle(
+                [u - 0.45 * s, top - 0.28 * s, u + 0.45 * s, top - 0.08 * s], fill=colour, outline=OUTLINE
+            )
+            return
+        if shape in ("up", "along"):
+            a, b = (u, top - 0.05 * s), (u, top - 0.75 * s)
         else:
-            self.stop_sign(obj)
+            sign = -1 if shape == "left" else 1
+            a, b = (u - sign * 0.45 * s, top - 0.35 * s), (u + sign * 0.45 * s, top - 0.35 * s)
+        self.draw.line([a, b], fill=colour, width=width)
+        ends = [(a, b)] if shape in ("up", "left", "right") else [(a, b), (b, a)]
+        for start, tip in ends:
+            dx, dy = tip[0] - start[0], tip[1] - start[1]
+            n = math.hypot(dx, dy)
+            dx, dy = dx / n, dy / n
+            self.draw.polygon(
+                [
+                    (tip[0] + dx * head, tip[1] + dy * head),
+                    (tip[0] - dy * head, tip[1] + dx * head),
+                    (tip[0] + dy * head, tip[1] - dx * head),
+                ],
+                fill=colour,
+            )
+
+    def ego_arrow(self) -> tuple[float, float, float, float]:
+        """The ego vehicle's steering (tilt) and speed (length and colour) at the bottom centre of CAM_FRONT;
+        returns the box it covers."""
+        ego = self.scene.ego
+        length, colour = EGO_ARROW[ego.speed]
+        w, h = self.cam.width, self.cam.height
+        base = (w / 2, h - 0.04 * h)
+        if length == 0.0:
+            square = (w / 2 - 0.09 * h, h - 0.2 * h, w / 2 + 0.09 * h, h - 0.02 * h)
+            self.draw.rectangle(square, fill=colour, outline=OUTLINE)
+            return square
+        tilt = math.radians(EGO_TILT[ego.steer])
+        dx, dy = math.sin(tilt), -math.cos(tilt)
+        tip = (base[0] + dx * length * h, base[1] + dy * length * h)
+        self.draw.line([base, tip], fill=colour, width=max(3, round(0.07 * h)))
+        head = 0.1 * h
+        self.draw.polygon(
+            [
+                (tip[0] + dx * head, tip[1] + dy * head),
+                (tip[0] - dy * head, tip[1] + dx * head),
+                (tip[0] + dy * head, tip[1] - dx * head),
+            ],
+            fill=colour,
+        )
+        reach = head + 0.04 * h
+        return (min(base[0], tip[0]) - reach, min(base[1], tip[1]) - reach, max(base[0], tip[0]) + reach, h)
+
+    def object(self, obj: SceneObject, icon: Icon) -> None:
+        if obj.is_vehicle:
+            self.vehicle(obj, icon)
+        elif obj.category == "pedestrian":
+            self.pedestrian(obj, icon)
+        elif obj.category == "cyclist":
+            self.cyclist(obj, icon)
+        elif obj.category == "traffic light":
+            self.traffic_light(obj, icon)
+        else:
+            self.stop_sign(obj, icon)
+        self.marker(obj, icon)
 
 
-def _extent(obj: SceneObject) -> list[Point]:
-    """3-D points whose projections bound the object's main body (not poles or streaks)."""
-    if obj.category == "traffic light":
-        return _Box(obj.x, obj.y, 0.0, -0.25, 0.25, -0.45, 0.45, 4.0, 6.2).corners()
-    if obj.category == "stop sign":
-        z = ANCHOR_Z["stop sign"]
-        return _Box(obj.x, obj.y, 0.0, 0.0, 0.0, -0.55, 0.55, z - 0.55, z + 0.55).corners()
-    length, width = obj.size
-    top = max(p[4] for p in VEHICLE_PARTS[obj.category]) if obj.is_vehicle else 1.78
-    return _Box(obj.x, obj.y, obj.heading, -length / 2, length / 2, -width / 2, width / 2, 0.0, top).corners()
+@dataclass(frozen=True)
+class Icon:
+    """Where an object's icon is drawn (supersampled pixels): reference point, unit, box, centre and depth."""
+
+    u: float
+    v: float  # ground contact (road users) or centre (traffic light, stop sign)
+    unit: float
+    box: tuple[float, float, float, float]
+    centre: tuple[float, float]
+    depth: float
+
+
+# Icon width and height in units (road users stand on their ground point; signals are centred on it).
+ICON_SHAPE: dict[str, tuple[float, float]] = {
+    "sedan": (1.9, 0.95),
+    "van": (1.8, 1.35),
+    "truck": (2.5, 1.6),
+    "bus": (2.8, 1.4),
+    "pedestrian": (0.8, 1.55),
+    "cyclist": (1.5, 1.55),
+    "traffic light": (0.9, 2.0),
+    "stop sign": (1.24, 1.24),
+}
+
+
+def _scaled(icon: Icon, points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    return [(icon.u + x * icon.unit, icon.v + y * icon.unit) for x, y in points]
 
 
 def _anchor(obj: SceneObject) -> Point:
-    """The point a tag refers to: inside the drawn body, so the tag pixel shows the object."""
-    if obj.is_vehicle:
-        body = next(p for p in VEHICLE_PARTS[obj.category] if p[5] in ("body", "cargo"))
-        return (obj.x, obj.y, (body[3] + body[4]) / 2)
-    if obj.category == "traffic light":
-        return (obj.x - 0.25, obj.y, ANCHOR_Z["traffic light"])
-    if obj.category == "cyclist":
-        return (obj.x - 0.1 * math.cos(obj.heading), obj.y - 0.1 * math.sin(obj.heading), ANCHOR_Z["cyclist"])
-    return (obj.x, obj.y, ANCHOR_Z[obj.category])
+    """The 3-D point an icon hangs from: the ground under a road user, the centre of a sign or light."""
+    return (obj.x, obj.y, ANCHOR_Z.get(obj.category, 0.0))
 
 
-def _place(obj: SceneObject, cam: _Camera) -> Placement | None:
-    """The object's anchor and pixel box at the output size, or None when its anchor is behind or too far."""
-    anchor = cam.to_cam(_anchor(obj))
-    if not NEAR <= anchor[0] <= MAX_DEPTH:
+def _icon(obj: SceneObject, cam: _Camera) -> Icon | None:
+    """The object's icon in ``cam``, or None when it is behind the camera or too far."""
+    q = cam.to_cam(_anchor(obj))
+    if not NEAR <= q[0] <= MAX_DEPTH:
         return None
-    u, v = cam.project(anchor)
-    points = [cam.project(q) for q in (cam.to_cam(p) for p in _extent(obj)) if q[0] >= NEAR]
-    us, vs = [p[0] for p in points], [p[1] for p in points]
-    box = (max(min(us), 0.0), max(min(vs), 0.0), min(max(us), cam.width), min(max(vs), cam.height))
+    u, v = cam.project(q)
+    unit = min(max(cam.focal * ICON_K / q[0], ICON_MIN * cam.height), ICON_MAX * cam.height)
+    w, h = ICON_SHAPE[obj.category]
+    if obj.is_road_user:
+        box = (u - w / 2 * unit, v - h * unit, u + w / 2 * unit, v)
+    else:
+        box = (u - w / 2 * unit, v - h / 2 * unit, u + w / 2 * unit, v + h / 2 * unit)
+    centre = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    if obj.is_vehicle:
+        centre = (u, v - 0.4 * unit)  # the body, below a sedan's or truck's glass
+    return Icon(u, v, unit, box, centre, q[0])
+
+
+def _place(icon: Icon, cam: _Camera) -> Placement:
+    """The icon's centre and pixel box at the output size."""
     ss = SUPERSAMPLE
-    return Placement(round(u / cam.width, 4), round(v / cam.height, 4), tuple(c / ss for c in box), anchor[0])
+    x0, y0, x1, y1 = icon.box
+    box = (max(x0, 0.0), max(y0, 0.0), min(x1, cam.width), min(y1, cam.height))
+    x, y = icon.centre
+    return Placement(
+        round(x / cam.width, 4), round(y / cam.height, 4), tuple(c / ss for c in box), icon.depth
+    )
 
 
 def _clearly_visible(placements: dict[str, Placement], size: tuple[int, int]) -> dict[str, Placement]:
@@ -559,16 +569,19 @@ def render_views(scene: Scene, cameras: Iterable[str], size: tuple[int, int]) ->
         painter.background()
         painter.road()
         painter.markings()
-        for obj in scene.objects:
-            painter.streaks(obj)
         placements: dict[str, Placement] = {}
-        depth = {o.id: cam.to_cam(_anchor(o))[0] for o in scene.objects}
-        for obj in sorted(scene.objects, key=lambda o: -depth[o.id]):
-            if depth[obj.id] > -2.0:
-                painter.object(obj)
-            placement = _place(obj, cam)
-            if placement is not None:
-                placements[obj.id] = placement
+        icons = {o.id: icon for o in scene.objects if (icon := _icon(o, cam)) is not None}
+        for obj in sorted(scene.objects, key=lambda o: -icons[o.id].depth if o.id in icons else 0.0):
+            if obj.id in icons:
+                painter.object(obj, icons[obj.id])
+                placements[obj.id] = _place(icons[obj.id], cam)
+        if name == "CAM_FRONT":  # drawn over everything; an object whose tag point it covers is not visible
+            a0, b0, a1, b1 = (c / SUPERSAMPLE for c in painter.ego_arrow())
+            placements = {
+                k: p
+                for k, p in placements.items()
+                if not (a0 <= p.x * size[0] <= a1 and b0 <= p.y * size[1] <= b1)
+            }
         views.append(View(name, image.reduce(SUPERSAMPLE), _clearly_visible(placements, size)))
     return views
 

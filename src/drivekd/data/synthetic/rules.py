@@ -87,12 +87,12 @@ def _describe(category: str, colour: str) -> str:
 
 
 def describe(obj: SceneObject) -> str:
-    """Short noun phrase: "white SUV", "pedestrian in red", "green traffic light", "stop sign"."""
+    """Short noun phrase: "white van", "pedestrian in red", "green traffic light", "stop sign"."""
     return _describe(obj.category, obj.colour)
 
 
 def article(text: str) -> str:
-    vowel = text[0].lower() in "aeiou" or text.startswith("SUV")
+    vowel = text[0].lower() in "aeiou"
     return f"{'an' if vowel else 'a'} {text}"
 
 

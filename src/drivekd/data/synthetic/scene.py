@@ -20,12 +20,9 @@ ROAD_START, ROAD_END = -80.0, 300.0  # extent of the ego road in x
 
 VEHICLE_SIZES: dict[str, tuple[float, float]] = {  # length, width in metres
     "sedan": (4.5, 1.8),
-    "SUV": (4.8, 1.95),
-    "pickup": (5.3, 2.0),
     "van": (5.0, 2.0),
     "truck": (8.0, 2.5),
     "bus": (11.0, 2.55),
-    "taxi": (4.6, 1.8),
 }
 OTHER_SIZES: dict[str, tuple[float, float]] = {
     "pedestrian": (0.5, 0.6),
@@ -33,9 +30,10 @@ OTHER_SIZES: dict[str, tuple[float, float]] = {
     "traffic light": (0.5, 0.9),
     "stop sign": (0.3, 1.1),
 }
-VEHICLE_WEIGHTS = {"sedan": 34, "SUV": 24, "pickup": 10, "van": 10, "truck": 9, "bus": 6, "taxi": 7}
-VEHICLE_COLOURS = ("white", "black", "silver", "red", "blue", "green", "yellow", "brown")
-CLOTHES_COLOURS = ("red", "blue", "green", "yellow", "white", "black", "orange", "purple")
+VEHICLE_WEIGHTS = {"sedan": 40, "van": 20, "truck": 20, "bus": 20}
+# Few, strongly different colours and silhouettes: a tiny VLM must tell them apart at 28 x 28 pixels per token.
+VEHICLE_COLOURS = ("white", "black", "red", "blue", "green", "yellow")
+CLOTHES_COLOURS = ("red", "blue", "green", "yellow", "white", "purple")
 VEHICLE_MOTIONS = ("going ahead", "turn left", "turn right", "stopped")
 PEDESTRIAN_MOTIONS = ("crossing the road", "standing still", "walking along the road")
 LIGHT_STATES = ("red", "yellow", "green")
@@ -185,7 +183,7 @@ class _Placer:
 def _vehicle(rng: random.Random, exclude: tuple[str, ...] = ()) -> tuple[str, str]:
     cats = [c for c in VEHICLE_WEIGHTS if c not in exclude]
     category = rng.choices(cats, weights=[VEHICLE_WEIGHTS[c] for c in cats])[0]
-    return category, "yellow" if category == "taxi" else rng.choice(VEHICLE_COLOURS)
+    return category, rng.choice(VEHICLE_COLOURS)
 
 
 def _sample_road(rng: random.Random, scenario: str, waiting: bool) -> Road:
@@ -376,7 +374,7 @@ def sample_scene(rng: random.Random, scene_id: str) -> Scene:
     ego = Ego(road.lane_centre(road.ego_lane), STEER_YAW[steer], steer, speed)
     placer = _Placer()
     _place_trigger(rng, scenario, road, ego, placer)
-    for k in range(rng.randint(2, 6)):
+    for k in range(rng.randint(1, 3)):
         _distractor(rng, road, ego, scenario, placer, turn=k == 0)
     return Scene(
         scene_id, road, ego, tuple(placer.objects), _buildings(rng, road), rng.choice(WEATHERS), scenario
