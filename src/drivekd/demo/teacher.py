@@ -82,9 +82,9 @@ class TeacherRecipe:
     vision_hidden: int = 64
     vision_depth: int = 2
     vision_heads: int = 2
-    steps: int = 2600
+    steps: int = 2800
     # Stop early (keeping that step's checkpoint) past this wall time; None: never.
-    train_minutes: float | None = 58.0
+    train_minutes: float | None = 70.0
     lr: float = 2.5e-3
     warmup_ratio: float = 0.05
     micro_batch: int = 4
