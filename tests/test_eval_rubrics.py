@@ -6,14 +6,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from drivekd.data.drivebench import ROUTES, judged
+from drivekd.data.qa import match_object_info, question_object
 from drivekd.data.schema import Sample
+from drivekd.errors import DataError
 from drivekd.evaluation.judge import parse_total
 from drivekd.evaluation.rubrics import (
+    ROUTE_RUBRICS,
     RUBRICS,
     build_judge_messages,
     format_grade,
     parse_judge_request,
     rubric_for,
+    visual_description,
 )
 
 # Engineering facts: DriveBench's published point structure per category.
@@ -107,3 +112,43 @@ def test_formatted_grades_carry_their_total():
     text = format_grade(rubric, points)
     assert text.splitlines()[0] == "1. Recommended action (40 points): 40"
     assert parse_total(text) == 75
+
+
+def test_judged_routes_are_the_data_sides():
+    """One routing table: every DriveBench route has a rubric exactly when the data side judges it."""
+    for task, tags in ROUTES.items():
+        for tag in tags:
+            sample = _sample(task, "open", [tag])
+            assert judged(sample) == ((task, tag) in ROUTE_RUBRICS)
+            assert rubric_for(sample) == ROUTE_RUBRICS.get((task, tag))
+    assert {task for task, _ in ROUTE_RUBRICS} == set(ROUTES)
+    with pytest.raises(DataError, match=r"no planning sample with tag \[0\]") as err:
+        rubric_for(_sample("planning", "open", [0]))  # refused by the importer and by upstream's scorer
+    assert "[1]" in str(err.value)
+
+
+def test_visual_description_matches_as_the_importers_do():
+    sample = _sample("perception", "mcq").model_copy(
+        update={
+            "question": "What is <c1,CAM_FRONT,0.5000,0.5000> doing? A. Go. B. Stop.",
+            "meta": {
+                "object_infos": {
+                    "<c1,CAM_FRONT_LEFT,0.1000,0.2000>": {"Visual_description": "White Sedan."},
+                    "<c1,CAM_FRONT,0.5000,0.5000>": {"Visual_description": "Red Truck."},
+                }
+            },
+        }
+    )
+    # upstream's startswith: <c1,CAM_FRONT also matches the CAM_FRONT_LEFT key listed first
+    infos = sample.meta["object_infos"]
+    assert (
+        match_object_info(question_object(sample.question), infos)
+        is infos["<c1,CAM_FRONT_LEFT,0.1000,0.2000>"]
+    )
+    assert visual_description(sample) == "white sedan."
+    assert visual_description(sample, {sample.question: "Fixed."}) == "Fixed."
+    assert visual_description(_sample("planning", "open")) is None  # no object in the question
+    with pytest.raises(KeyError, match="<c1,CAM_FRONT"):
+        visual_description(sample.model_copy(update={"meta": {}}))
+    with pytest.raises(DataError, match="malformed object tag"):
+        visual_description(sample.model_copy(update={"question": "Is <c1,CAM_FRONT,0.5 moving?"}))

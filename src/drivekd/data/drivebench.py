@@ -7,7 +7,8 @@ DriveBench checkout (``data/nuscenes/samples/...``), kept verbatim so that expor
 
 The official scorer (``evaluate/eval.py``) routes a row by task and tag: perception 2 -> VQA, else 0 -> MCQ;
 prediction 3 -> VQA, else 0 -> no metric (the yes/no questions); planning 1 -> VQA; behavior 0 -> MCQ.
-:func:`scored_tag` and :func:`judged` reproduce that routing for scoring.
+:func:`scored_tag` and :func:`judged` reproduce that routing; they are the one routing table of the project (the
+judge's rubric choice, :func:`drivekd.evaluation.rubrics.rubric_for`, is built on them).
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ from drivekd.data.qa import (
     make_sample,
     match_object_info,
     parse_options,
+    question_object,
     read_images,
     read_object_infos,
     require,
     require_predictions,
+    tag_prefix,
 )
 from drivekd.data.schema import Sample, Task
-from drivekd.data.tags import parse_tags
 from drivekd.errors import DataError
 
 # The tags the official scorer routes each task by, in the order it tests them.
@@ -173,25 +175,32 @@ def _describe(where: Where, sample: Sample, descriptions: _Descriptions) -> None
     have one."""
     infos = descriptions.infos(sample.scene_id, sample.frame_id)
     attach_object_infos(sample, infos)
-    first = parse_tags(sample.question)[:1]
-    if first and match_object_info(first[0], infos) is None:
+    first = question_object(sample.question)
+    if first is not None and match_object_info(first, infos) is None:
         raise where.error(
             "question",
-            f"{descriptions.file} describes no object <{first[0].id},{first[0].camera},...> in this frame",
+            f"{descriptions.file} describes no object {tag_prefix(first)},...> in this frame",
             hint="pass the visual_description.json of the same DriveBench release, or --skip-invalid",
         )
 
 
-def scored_tag(sample: Sample) -> int | None:
-    """The tag the official scorer routes ``sample`` by (see the module docstring).
-
-    Read from ``meta["drivebench_tag"]`` (a list, or an int in JSONL written before tags were lists); a sample
-    without one gets :func:`drivebench_tag` of its task and kind. ``None`` when the tag has no route.
-    """
+def drivebench_tags(sample: Sample) -> list[int] | None:
+    """The upstream tag of ``sample`` as a list (``meta["drivebench_tag"]``: a list as released, or an int in
+    JSONL written before tags were lists); ``None`` for a sample that has none (synthetic, DriveLM)."""
     tag = sample.meta.get("drivebench_tag")
     if tag is None:
+        return None
+    return [int(t) for t in tag] if isinstance(tag, list | tuple) else [int(tag)]
+
+
+def scored_tag(sample: Sample) -> int | None:
+    """The tag the official scorer routes ``sample`` by (see the module docstring): the first of the task's
+    :data:`ROUTES` among :func:`drivebench_tags`; a sample without a tag gets :func:`drivebench_tag` of its task
+    and kind. ``None`` when the tag has no route.
+    """
+    tags = drivebench_tags(sample)
+    if tags is None:
         return drivebench_tag(sample.task, sample.kind)
-    tags = [tag] if isinstance(tag, int) else list(tag)
     return next((t for t in ROUTES[sample.task] if t in tags), None)
 
 
@@ -229,14 +238,14 @@ def to_drivebench(
         question = sample.question
         if sample.kind == "mcq" and sample.options and parse_options(question) is None:
             question = f"{question} {format_options(sample.options)}"
-        tag = sample.meta.get("drivebench_tag", drivebench_tag(sample.task, sample.kind))
+        tags = drivebench_tags(sample) or [drivebench_tag(sample.task, sample.kind)]
         row: dict[str, Any] = {
             "scene_token": sample.scene_id,
             "frame_token": sample.frame_id,
             "question_type": sample.task,
             "question": question,
             "answer": sample.answer,
-            "tag": [tag] if isinstance(tag, int) else list(tag),
+            "tag": tags,
             "image_path": {image.camera: image.path for image in sample.images},
         }
         if predictions is not None:

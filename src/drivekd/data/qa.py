@@ -208,14 +208,28 @@ def read_object_infos(where: Where, name: str, raw: Any) -> dict[str, dict[str, 
     return infos
 
 
-def match_object_info(obj: ObjectTag, infos: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The info of ``obj``: the first entry whose key starts with ``<cK,CAM`` of the tag, as upstream matches.
+def tag_prefix(obj: ObjectTag) -> str:
+    """``<cK,CAM`` of a tag: what object infos are matched by (their coordinates are pixels, ours normalised)."""
+    return f"<{obj.id},{obj.camera}"
 
-    Coordinates are ignored (info keys are pixels, tags normalised). Like upstream's ``startswith``, the prefix
+
+def match_object_info(obj: ObjectTag, infos: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The info of ``obj``: the first entry whose key starts with :func:`tag_prefix` of the tag, as upstream
+    matches.
+
+    Coordinates are ignored, so this works on pixel keys (a DriveLM frame, ``visual_description.json``) and on
+    the normalised keys of ``meta["object_infos"]`` alike. Like upstream's ``startswith``, the prefix
     ``<c1,CAM_FRONT`` also matches a ``<c1,CAM_FRONT_LEFT,...>`` key listed before it.
     """
-    prefix = f"<{obj.id},{obj.camera}"
+    prefix = tag_prefix(obj)
     return next((info for key, info in infos.items() if key.startswith(prefix)), None)
+
+
+def question_object(question: str) -> ObjectTag | None:
+    """The object DriveBench's judge is told about: the first tag of the question (upstream takes the first
+    ``<...>`` span), or ``None`` when the question names none. A malformed tag raises ``ValueError``."""
+    tags = parse_tags(question)
+    return tags[0] if tags else None
 
 
 def attach_object_infos(sample: Sample, infos: Mapping[str, dict[str, Any]]) -> None:

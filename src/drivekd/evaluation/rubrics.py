@@ -5,13 +5,14 @@ own. A prompt has fenced sections (question, ground truth, object descriptions, 
 machine-readable line ``[drivekd-item] {"id": ..., "rubric": ...}``, so the local grader behind
 ``drivekd judge serve`` can find the sample and grade the same request a hosted judge would see.
 
-Which rubric judges a sample: a sample that carries an upstream DriveBench tag (``meta["drivebench_tag"]``, a list
-as released) is judged as DriveBench's ``evaluate/eval.py`` routes it (perception: 2 -> perception VQA, else 0 ->
-perception MCQ; prediction: 3 -> prediction VQA, else 0 -> not judged; planning 1 -> planning VQA; behavior 0 ->
-behavior MCQ). Otherwise task and kind
-decide: yes/no questions are not judged (DriveBench does not judge its yes/no questions; they get a yes/no
-accuracy instead), perception MCQ / open -> perception MCQ / VQA, prediction -> prediction VQA, planning ->
-planning VQA (an MCQ's letter is its action), behavior -> behavior MCQ.
+Which rubric judges a sample follows DriveBench's ``evaluate/eval.py`` routing as the data side implements it
+(:func:`drivekd.data.drivebench.scored_tag` and :func:`~drivekd.data.drivebench.judged`): perception 2 -> perception
+VQA, else 0 -> perception MCQ; prediction 3 -> prediction VQA, else 0 -> not judged; planning 1 -> planning VQA;
+behavior 0 -> behavior MCQ. A sample with an upstream tag (``meta["drivebench_tag"]``) is routed by it; one without
+(synthetic, DriveLM) by the tag its task and kind export to (:func:`~drivekd.data.drivebench.drivebench_tag`:
+perception MCQ / open -> 0 / 2, prediction open -> 3, planning -> 1, an MCQ's letter being its action, behavior ->
+0), except that its yes/no questions are not judged (they get a yes/no accuracy instead, as DriveBench's yes/no
+questions do).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from drivekd.data.drivebench import ROUTES, drivebench_tags, judged, scored_tag
+from drivekd.data.qa import TAG_HINT, match_object_info, question_object, tag_prefix
 from drivekd.data.schema import Sample
+from drivekd.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -203,37 +207,35 @@ RUBRICS: dict[str, Rubric] = {
     )
 }
 
-# Upstream DriveBench routing (evaluate/eval.py): per task, the first tag present decides; None = not judged.
-_TAG_RUBRIC: dict[str, tuple[tuple[int, str | None], ...]] = {
-    "perception": ((2, "perception_vqa"), (0, "perception_mcq")),
-    "prediction": ((3, "prediction_vqa"), (0, None)),
-    "planning": ((1, "planning_vqa"),),
-    "behavior": ((0, "behavior_mcq"),),
+# The rubric of each judged DriveBench route (task, scored tag): every route of ``ROUTES`` but prediction 0.
+ROUTE_RUBRICS: dict[tuple[str, int], str] = {
+    ("perception", 2): "perception_vqa",
+    ("perception", 0): "perception_mcq",
+    ("prediction", 3): "prediction_vqa",
+    ("planning", 1): "planning_vqa",
+    ("behavior", 0): "behavior_mcq",
 }
-_TASK_RUBRIC = {"prediction": "prediction_vqa", "planning": "planning_vqa", "behavior": "behavior_mcq"}
 NOT_JUDGED_REASON = "prediction yes/no, as upstream"
 
 
-def drivebench_tags(sample: Sample) -> list[int] | None:
-    """The upstream DriveBench tag of a sample as a list (the release writes ``[0]``; a bare int is accepted)."""
-    tag = sample.meta.get("drivebench_tag")
-    if tag is None:
-        return None
-    return [int(t) for t in tag] if isinstance(tag, list | tuple) else [int(tag)]
-
-
 def rubric_for(sample: Sample) -> str | None:
-    """The rubric that judges ``sample``, or ``None`` when it is not judged (see the module docstring)."""
+    """The rubric that judges ``sample``, or ``None`` when it is not judged (see the module docstring).
+
+    A sample whose upstream tag has no route is an error, as the importer and upstream's scorer refuse it.
+    """
     tags = drivebench_tags(sample)
-    if tags is not None:
-        for tag, rubric in _TAG_RUBRIC.get(sample.task, ()):
-            if tag in tags:
-                return rubric
-    if sample.kind == "yes/no":
+    if tags is None and sample.kind == "yes/no":
         return None
-    if sample.task == "perception":
-        return "perception_mcq" if sample.kind == "mcq" else "perception_vqa"
-    return _TASK_RUBRIC[sample.task]
+    if scored_tag(sample) is None:
+        expected = " or ".join(f"[{t}]" for t in ROUTES[sample.task])
+        raise DataError(
+            f"sample {sample.id}",
+            None,
+            "meta.drivebench_tag",
+            f"DriveBench scores no {sample.task} sample with tag {tags}",
+            hint=f"a {sample.task} sample has tag {expected}",
+        )
+    return ROUTE_RUBRICS[sample.task, scored_tag(sample)] if judged(sample) else None
 
 
 def ground_truth_text(sample: Sample) -> str:
@@ -259,28 +261,26 @@ def describe_objects(sample: Sample) -> str:
     return "\n".join(lines) if lines else "Not available."
 
 
-_FIRST_TAG = re.compile(r"<(.*)>")
-
-
 def visual_description(sample: Sample, fixed: dict[str, str] | None = None) -> str | None:
-    """The ground-truth description DriveBench gives its judge: the object whose ``<cK,CAM`` prefix matches the
-    question's tag, lower-cased (from ``meta["object_infos"]``); ``None`` when the question names no object.
+    """The ground-truth description DriveBench gives its judge: that of the question's first object
+    (:func:`~drivekd.data.qa.question_object`), matched in ``meta["object_infos"]`` by its ``<cK,CAM`` prefix
+    (:func:`~drivekd.data.qa.match_object_info`, the importers' matching) and lower-cased as upstream; ``None``
+    when the question names no object. A question in ``fixed`` gets that sentence instead.
 
-    As upstream, the tag is the question's outermost ``<...>`` span and the first object whose key starts with its
-    first two fields is taken; a question in ``fixed`` gets that sentence instead. Raises ``KeyError`` naming the
-    prefix when no object matches (upstream raises too).
+    Raises ``KeyError`` naming the prefix when no object matches (upstream raises too).
     """
     if fixed and sample.question in fixed:
         return fixed[sample.question]
-    found = _FIRST_TAG.search(sample.question)
-    if found is None:
+    try:
+        obj = question_object(sample.question)
+    except ValueError as err:
+        raise DataError(f"sample {sample.id}", None, "question", str(err), hint=TAG_HINT) from None
+    if obj is None:
         return None
-    prefix = "<" + ",".join(found.group(1).split(",")[:2])
-    infos = sample.meta.get("object_infos") or {}
-    key = next((k for k in infos if k.startswith(prefix)), None)
-    if key is None:
-        raise KeyError(prefix)
-    return str(infos[key].get("Visual_description", "")).lower()
+    info = match_object_info(obj, sample.meta.get("object_infos") or {})
+    if info is None:
+        raise KeyError(tag_prefix(obj))
+    return str(info.get("Visual_description", "")).lower()
 
 
 SYSTEM_PROMPT = (
