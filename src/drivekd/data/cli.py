@@ -32,6 +32,13 @@ TextOnly = Annotated[
         "--text-only", help="Import without checking or loading images; the samples are asked without them."
     ),
 ]
+VisualDescriptions = Annotated[
+    Path | None,
+    typer.Option(
+        "--visual-descriptions",
+        help="DriveBench's visual_description.json: ground-truth object descriptions for the judge.",
+    ),
+]
 Out = Annotated[Path, typer.Option("--out", help="Drive-KD JSONL to write.")]
 ExportOut = Annotated[Path, typer.Option("--out", help="JSON file to write.")]
 ExportRoot = Annotated[
@@ -84,13 +91,7 @@ def import_drivebench_cmd(
     out: Out,
     image_root: ImageRoot = None,
     text_only: TextOnly = False,
-    visual_descriptions: Annotated[
-        Path | None,
-        typer.Option(
-            "--visual-descriptions",
-            help="DriveBench's visual_description.json: ground-truth object descriptions for the judge.",
-        ),
-    ] = None,
+    visual_descriptions: VisualDescriptions = None,
     skip_invalid: SkipInvalid = False,
 ) -> None:
     """Convert a DriveBench file as released (test, corruption or prediction file) to Drive-KD JSONL.

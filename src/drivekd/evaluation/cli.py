@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from drivekd.data.cli import TextOnly, VisualDescriptions
 from drivekd.errors import DriveKDError
 
 eval_app = typer.Typer(
@@ -65,6 +66,8 @@ def generate_cmd(
     model: Annotated[str, typer.Option("--model", help="Hub id or a folder saved with save_pretrained.")],
     out: Annotated[Path, typer.Option("--out", help="Predictions JSONL (appended to; a rerun resumes).")],
     image_root: ImageRoot = None,
+    text_only: TextOnly = False,
+    visual_descriptions: VisualDescriptions = None,
     model_name: Annotated[
         str | None, typer.Option(help="Name stored in the records (default: --model).")
     ] = None,
@@ -84,7 +87,9 @@ def generate_cmd(
     if backend not in ("hf", "vllm"):
         raise _fail(ValueError(f"--backend must be hf or vllm, got {backend!r}"))
     try:
-        samples, root = load_samples(input_path, image_root=image_root)
+        samples, root = load_samples(
+            input_path, image_root=image_root, text_only=text_only, visual_descriptions=visual_descriptions
+        )
         samples = samples[:limit] if limit is not None else samples
         with PredictionWriter(out, model=model_name or model) as writer:
             if backend == "vllm":
@@ -182,6 +187,8 @@ def score_cmd(
         Path | None, typer.Option(help="Predictions JSONL (default: a DriveBench file's 'pred' fields).")
     ] = None,
     image_root: ImageRoot = None,
+    text_only: TextOnly = False,
+    visual_descriptions: VisualDescriptions = None,
     model_name: Annotated[str | None, typer.Option(help="Model name in the report.")] = None,
     judge: Annotated[
         bool, typer.Option("--judge/--no-judge", help="Grade with the LLM judge when configured.")
@@ -251,7 +258,13 @@ def score_cmd(
     try:
         config = _judge_config(options, judge_config) if judge else None
         prompts = read_drivebench_prompts(judge_prompts) if judge_prompts is not None else None
-        samples, _ = load_samples(samples_path, image_root=image_root, check_files=False)
+        samples, _ = load_samples(
+            samples_path,
+            image_root=image_root,
+            check_files=False,
+            text_only=text_only,
+            visual_descriptions=visual_descriptions,
+        )
         if predictions is not None:
             records = read_predictions(predictions)
             texts = {k: r.prediction for k, r in records.items()}

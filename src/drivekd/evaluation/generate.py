@@ -169,6 +169,14 @@ def load_images(sample: Sample, root: Path) -> list[Image.Image]:
     return images
 
 
+def vllm_request(sample: Sample, processor: ProcessorMixin, root: Path) -> dict[str, Any]:
+    """The vLLM request of ``sample``: the chat prompt and, unless the sample is text-only, its images (a text-only
+    request carries no ``multi_modal_data`` at all, not an empty image list)."""
+    prompt = processor.apply_chat_template(build_messages(sample), add_generation_prompt=True, tokenize=False)
+    images = load_images(sample, root)
+    return {"prompt": prompt, "multi_modal_data": {"image": images}} if images else {"prompt": prompt}
+
+
 def generate_vllm(
     samples: Sequence[Sample],
     model_path: str | Path,
@@ -192,15 +200,7 @@ def generate_vllm(
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
 
     def answer(batch: Sequence[Sample]) -> list[tuple[str, int]]:
-        requests = []
-        for s in batch:
-            prompt = processor.apply_chat_template(
-                build_messages(s), add_generation_prompt=True, tokenize=False
-            )
-            images = load_images(s, root)
-            requests.append(
-                {"prompt": prompt, "multi_modal_data": {"image": images}} if images else {"prompt": prompt}
-            )
+        requests = [vllm_request(s, processor, root) for s in batch]
         outputs = llm.generate(requests, params, use_tqdm=False)
         return [(o.outputs[0].text.strip(), len(o.outputs[0].token_ids)) for o in outputs]
 

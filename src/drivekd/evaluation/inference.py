@@ -34,15 +34,15 @@ import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
 from drivekd.bench.measure import WORKER_ENV, measure
-from drivekd.data.collate import VLMCollator, build_messages
+from drivekd.data.collate import VLMCollator
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.evaluation.generate import (
     checkpoint_family,
     count_new_tokens,
     eos_token_ids,
-    load_images,
     load_model,
     vllm_available,
+    vllm_request,
 )
 from drivekd.models.families import FamilyAdapter, TinySize, family_of, get_family
 from drivekd.models.pair import build_tiny_pair
@@ -265,15 +265,7 @@ def _vllm_worker(
             llm = LLM(model=spec.path, dtype=cfg.dtype, limit_mm_per_prompt={"image": 6})
         else:
             raise ValueError("the vLLM back end measures presets and checkpoints, not tiny in-memory models")
-        prompts = [
-            {
-                "prompt": processor.apply_chat_template(
-                    build_messages(s), add_generation_prompt=True, tokenize=False
-                ),
-                "multi_modal_data": {"image": load_images(s, root)},
-            }
-            for s in samples
-        ]
+        prompts = [vllm_request(s, processor, root) for s in samples]
         full = SamplingParams(max_tokens=cfg.max_new_tokens, min_tokens=cfg.max_new_tokens, temperature=0.0)
         one = SamplingParams(max_tokens=1, temperature=0.0)
         llm.generate(prompts[:1], one, use_tqdm=False)

@@ -15,29 +15,53 @@ def is_drivebench_file(path: str | Path) -> bool:
 
 
 def load_samples(
-    path: str | Path, *, image_root: str | Path | None = None, check_files: bool = True
+    path: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    check_files: bool = True,
+    text_only: bool = False,
+    visual_descriptions: str | Path | None = None,
 ) -> tuple[list[Sample], Path]:
     """The samples of ``path`` and the folder their image paths are relative to.
 
-    A DriveBench file needs ``image_root`` (the root of a DriveBench checkout, which holds the rows'
-    ``data/nuscenes/...`` paths); its importer always checks the images. For JSONL the root defaults to the file's folder and ``check_files=False`` skips the image check
-    (scoring needs no images). Ids must be unique, since predictions are matched by id.
+    A DriveBench file is read by the data side's importer (:func:`~drivekd.data.drivebench.import_drivebench`),
+    with ``text_only`` and ``visual_descriptions`` meaning what they mean to ``drivekd data import-drivebench``:
+    without ``text_only`` it needs ``image_root`` (the root of a DriveBench checkout, which holds the rows'
+    ``data/nuscenes/...`` paths) and checks the images; with it no image is needed, checked or shown. For JSONL
+    the root defaults to the file's folder, ``check_files=False`` skips the image check (scoring needs no
+    images) and ``text_only`` marks every sample text-only (asked without images); visual descriptions are
+    attached at import (``drivekd data import-drivebench --visual-descriptions``). Ids must be unique, since
+    predictions are matched by id.
     """
     path = Path(path)
     if is_drivebench_file(path):
-        if image_root is None:
+        if image_root is None and not text_only:
             raise DataError(
                 str(path),
                 None,
                 None,
                 "a DriveBench file needs the image root",
-                hint="pass --image-root (the root of a DriveBench checkout, holding data/nuscenes/)",
+                hint="pass --image-root (the root of a DriveBench checkout, holding data/nuscenes/), "
+                "or --text-only to read the rows without images",
             )
-        samples = import_drivebench(path, image_root).samples
-        root = Path(image_root)
-    else:
+        imported = import_drivebench(
+            path, image_root, text_only=text_only, visual_descriptions=visual_descriptions
+        )
+        samples = imported.samples
         root = Path(image_root) if image_root is not None else path.parent
-        samples = list(read_jsonl(path, image_root=root, check_files=check_files))
+    else:
+        if visual_descriptions is not None:
+            raise DataError(
+                str(path),
+                None,
+                None,
+                "visual descriptions are attached when a DriveBench file is read, not to JSONL",
+                hint="pass the DriveBench .json file itself, or import it with drivekd data import-drivebench "
+                "--visual-descriptions",
+            )
+        root = Path(image_root) if image_root is not None else path.parent
+        rows = read_jsonl(path, image_root=root, check_files=check_files and not text_only)
+        samples = [s.model_copy(update={"text_only": True}) if text_only else s for s in rows]
     seen: set[str] = set()
     for index, sample in enumerate(samples):
         if sample.id in seen:
