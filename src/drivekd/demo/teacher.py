@@ -68,7 +68,7 @@ class TeacherRecipe:
     seed: int = 0  # model initialisation and sampling order
     # The demo's data seed: the demo's train split is a prefix of this one, its test split unseen.
     data_seed: int = 0
-    train_scenes: int = 1500
+    train_scenes: int = 500
     # The teacher's own acceptance split: split name and seed used for nothing else (not the demo's test split).
     acceptance_seed: int = 15
     acceptance_scenes: int = 70
@@ -84,7 +84,7 @@ class TeacherRecipe:
     vision_heads: int = 2
     steps: int = 2800
     # Stop early (keeping that step's checkpoint) past this wall time; None: never.
-    train_minutes: float | None = 70.0
+    train_minutes: float | None = 63.0
     lr: float = 2.5e-3
     warmup_ratio: float = 0.05
     micro_batch: int = 4
