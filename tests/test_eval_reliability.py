@@ -470,3 +470,41 @@ def test_missing_judge_config_file_is_one_error_line(synth, tmp_path):
     bad.write_text("base_url: [unclosed\n")
     result = runner.invoke(_app(), [*args, "--judge-config", str(bad)])
     assert result.exit_code == 2 and len(_error_lines(result.output)) == 1, result.output
+
+
+def test_eval_inputs_and_settings_are_checked_before_any_model_loads(synth, tmp_path, monkeypatch):
+    import drivekd.evaluation.generate as generate
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(generate, "load_model", no_model)
+    samples_path, _, _ = synth
+    preds = tmp_path / "p.jsonl"
+    generate_args = ["eval", "generate", str(samples_path), "--model", "some/model", "--out", str(preds)]
+    cases = [
+        ([*generate_args, "--dtype", "float8"], "--dtype"),
+        ([*generate_args, "--device", "tpu"], "--device"),
+        (["eval", "score", str(samples_path), "--predictions", str(tmp_path / "none.jsonl")], "none.jsonl"),
+        (["bench", "inference", "--quick", "--device", "tpu"], "--device"),
+        (["bench", "inference", "--quick", "--dtype", "float8"], "--dtype"),
+    ]
+    for args, named in cases:
+        if args[1] == "score":
+            args = [*args, "--out", str(tmp_path / "s.json")]
+        result = runner.invoke(_bench_app(), args)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit), args
+        (line,) = _error_lines(result.output)
+        assert named in line, line
+    assert not preds.exists()
+
+
+def _bench_app() -> typer.Typer:
+    from drivekd.evaluation.cli import bench_inference_cmd
+
+    app = _app()
+    bench = typer.Typer()
+    bench.command("inference")(bench_inference_cmd)
+    app.add_typer(bench, name="bench")
+    return app

@@ -60,6 +60,30 @@ def _fail(err: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+GENERATE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+BENCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_device_dtype(device: str, dtype: str, dtypes: tuple[str, ...], *, allow_auto: bool) -> None:
+    """Refuse an unknown ``--dtype`` or ``--device``, or a CUDA device that is not there, before any model loads."""
+    import re
+
+    import torch
+
+    if dtype not in dtypes:
+        raise DriveKDError(f"--dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    choices = "cpu, cuda, cuda:N" + (" or auto" if allow_auto else "")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?" + ("|auto" if allow_auto else ""), device):
+        raise DriveKDError(f"--device must be {choices}, got {device!r}")
+    if device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise DriveKDError(
+                f"--device {device}: {torch.cuda.device_count()} CUDA devices are visible; pass --device cpu "
+                "or a visible GPU"
+            )
+
+
 @eval_app.command("generate")
 def generate_cmd(
     input_path: Annotated[Path, typer.Argument(help="DriveBench QA file (.json) or Drive-KD JSONL.")],
@@ -87,6 +111,7 @@ def generate_cmd(
     if backend not in ("hf", "vllm"):
         raise _fail(ValueError(f"--backend must be hf or vllm, got {backend!r}"))
     try:
+        _check_device_dtype(device, dtype, GENERATE_DTYPES, allow_auto=True)
         samples, root = load_samples(
             input_path, image_root=image_root, text_only=text_only, visual_descriptions=visual_descriptions
         )
@@ -521,8 +546,9 @@ def bench_inference_cmd(
     }
     cfg = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     try:
+        _check_device_dtype(cfg.device, cfg.dtype, BENCH_DTYPES, allow_auto=False)
         report = run(specs[0], specs[1], cfg)
-    except RuntimeError as err:
+    except (DriveKDError, RuntimeError) as err:
         raise _fail(err) from None
     print(table_markdown(report))
     console.print(

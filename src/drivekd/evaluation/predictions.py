@@ -51,6 +51,14 @@ def _record(line: str, *, file: str, row: int) -> PredictionRecord:
 def read_predictions(path: str | Path) -> dict[str, PredictionRecord]:
     """All records of a predictions file by id; a repeated id is an error naming both lines."""
     path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            str(path),
+            None,
+            None,
+            "no such predictions file",
+            hint="pass the JSONL written by `drivekd eval generate`",
+        )
     records: dict[str, PredictionRecord] = {}
     lines: dict[str, int] = {}
     with path.open(encoding="utf-8") as handle:
