@@ -131,3 +131,23 @@ def test_step_benchmark_reports_every_variant():
         "agp_teacher_ckpt_memory_vs_plain_multi",
     }
     assert report["setup"]["cache_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_step_benchmark_large_size_measures_one_sample_per_step_in_the_teacher_grouping():
+    from drivekd.bench import step
+
+    micro = step.config_for(
+        "large", student=(32, 3, 2, 1, 64), teacher=(48, 4, 4, 2, 96), image_size=(112, 63)
+    )
+    report = step.run(micro, variants=("sft", "none_teacher", "agp_teacher"))
+    assert tuple(report["config"]["student"]) == (32, 3, 2, 1, 64)
+    assert report["setup"]["samples"] == 3  # one cached sample per capability
+    assert {len(r["step_seconds"]) for r in report["results"].values()} == {2}  # warm-up + two measured steps
+    assert set(report["checks"]) == {
+        "plain_multi_time_vs_sft",
+        "plain_multi_memory_vs_sft",
+        "agp_teacher_memory_vs_plain_multi",
+    }
+    with pytest.raises(ValueError, match="--size must be one of quick, default, large"):
+        step.config_for("huge")
