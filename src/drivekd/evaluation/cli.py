@@ -436,9 +436,9 @@ def report_cmd(
     try:
         reports = [read_score_report(p) for p in scores]
         bench_report = read_bench_report(bench) if bench else None
+        files = write_report(reports, out_dir, bench_report, bench_source=str(bench))
     except DriveKDError as err:
         raise _fail(err) from None
-    files = write_report(reports, out_dir, bench_report)
     print(files["table1_md"].read_text(encoding="utf-8"))
     print(files["table2_md"].read_text(encoding="utf-8"))
     console.print("wrote " + ", ".join(str(p) for p in files.values()))
@@ -503,9 +503,18 @@ def bench_inference_cmd(
     backend: Annotated[str, typer.Option(help="hf, or vllm (GPU, when installed).")] = "hf",
     threads: Annotated[int | None, typer.Option(help="CPU threads per model process.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    teacher_name: Annotated[
+        str | None,
+        typer.Option(help="Name of the teacher's row (default: its checkpoint); `eval report` joins on it."),
+    ] = None,
+    student_name: Annotated[
+        str | None,
+        typer.Option(help="Name of the student's row (default: its checkpoint); `eval report` joins on it."),
+    ] = None,
 ) -> None:
     """Deployment metrics of a teacher and a student side by side: peak memory, throughput (eq. 27), median
-    time to first token (eq. 28), and their ratios."""
+    time to first token (eq. 28), and their ratios. Give each row the model name of its score report
+    (--teacher-name/--student-name) for `drivekd eval report --bench` to put the figures in its row."""
     from dataclasses import replace
 
     from drivekd.evaluation.inference import (
@@ -532,6 +541,10 @@ def bench_inference_cmd(
         base = InferenceBenchConfig()
     else:
         raise _fail(ValueError("pass --quick, --preset-pair NAME, or both --teacher and --student"))
+    names = (teacher_name, student_name)
+    specs = tuple(
+        spec if name is None else replace(spec, name=name) for spec, name in zip(specs, names, strict=True)
+    )
     if device and device.startswith("cuda") and dtype is None:
         dtype = "bfloat16"
     overrides = {
