@@ -29,8 +29,9 @@ from drivekd.errors import CacheError, DataError
 from drivekd.losses import full_attention_mse, text_to_vision_mse_blocks
 from drivekd.models.pair import ModelPair, build_tiny_pair
 from drivekd.signals import CachedTeacher, LiveTeacher, SignalNeeds, TeacherSignals, write_cache
+from drivekd.signals import cli as signals_cli
 from drivekd.signals.cache import INDEX_NAME, config_sha256
-from drivekd.signals.cli import cache_teacher_cmd, parse_layer_spec
+from drivekd.signals.cli import cache_teacher_cmd, estimate_full_bytes, parse_layer_spec
 
 FAMILY = "qwen2_5_vl"
 NEEDS = SignalNeeds(tv_layers=frozenset({0, 4}), full_layers=frozenset({0, 3}))  # layer 0 both ways
@@ -527,3 +528,30 @@ def test_cache_teacher_command(right, tmp_path):
     cache = CachedTeacher(out)
     assert (cache.tv_layers, cache.full_layers) == ({0, 4}, set(range(5)))
     assert cache.index.dtype == "float16" and cache.index.teacher.config_sha256 != ""
+
+
+def test_full_size_estimate_follows_the_view_mix(tmp_path, monkeypatch):
+    """On mixed single/six-view data the estimate is within 10% of the full-map bytes of the written cache, also
+    when it measures only 2 samples of each (images, task, kind) group."""
+    root = tmp_path / "mixed"
+    samples = list(read_jsonl(generate_split(root, n_scenes=3, seed=1, views="both").path))
+    views = {len(s.images) for s in samples}
+    assert views == {1, 6} and len(samples) == 48  # a mix; groups of up to 7 samples, of which 2 are measured
+    pair = build_tiny_pair(FAMILY)
+    collator = pair.collators(root, padding_side="right")[0]
+    needs = SignalNeeds(tv_layers=frozenset(), full_layers=frozenset({0, 2}))
+    monkeypatch.setattr(signals_cli, "SIZE_SAMPLES", 2)
+    estimate, lengths = estimate_full_bytes(collator, samples, len(needs.full_layers), torch.float16)
+    report = write_cache(
+        LiveTeacher(pair.teacher),
+        samples,
+        collator,
+        tmp_path / "cache",
+        needs=needs,
+        batch_size=4,
+        teacher_name="tiny",
+        dtype=torch.float16,
+    )
+    real = report.bytes_by_kind["full"]
+    assert abs(estimate - real) / real < 0.10, (estimate, real)
+    assert lengths[6] > 1.5 * lengths[1]  # why the first sample alone cannot stand for the set

@@ -7,6 +7,8 @@ reasoning loss (eqs. 14-15); they are L^2 values per layer and sample, so the ca
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -147,7 +149,7 @@ def cache_teacher_cmd(
         side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
         collator = VLMCollator(processor, family.image_token_id(model), image_root=root, padding_side=side)
         if needs.full_layers:
-            _warn_full_size(collator, samples[0], len(needs.full_layers), DTYPES[dtype], len(samples))
+            _warn_full_size(collator, samples, len(needs.full_layers), DTYPES[dtype])
         columns = (
             TextColumn("caching teacher signals"),
             BarColumn(),
@@ -176,15 +178,43 @@ def cache_teacher_cmd(
     Console().print(_report_table(report))
 
 
+SIZE_SAMPLES = 4  # samples per (images, task, kind) group whose token length the size estimate measures
+
+
+def estimate_full_bytes(
+    collator: VLMCollator, samples: Sequence[Sample], layers: int, dtype: torch.dtype
+) -> tuple[int, dict[int, int]]:
+    """Estimated bytes of the full maps of ``samples`` (``layers`` maps of L^2 values each), and the mean token
+    length L per number of images.
+
+    L depends mostly on the number of images (single-view and six-view data mix very different lengths) and then
+    on the question form, so samples are grouped by (number of images, task, kind); in each group the mean L^2 of
+    up to :data:`SIZE_SAMPLES` samples spread evenly over it scales to the group's size.
+    """
+    groups: dict[tuple[int, str, str], list[Sample]] = defaultdict(list)
+    for sample in samples:
+        groups[(len(sample.images), sample.task, sample.kind)].append(sample)
+    total = 0.0
+    by_views: dict[int, list[int]] = defaultdict(list)
+    for (views, _, _), group in sorted(groups.items()):
+        k = min(SIZE_SAMPLES, len(group))
+        picked = [group[round(i * (len(group) - 1) / max(k - 1, 1))] for i in range(k)]
+        measured = [collator([s]).inputs["input_ids"].shape[1] for s in picked]
+        total += len(group) * sum(n**2 for n in measured) / len(measured)
+        by_views[views] += measured * len(group)  # weighted like the group it stands for
+    lengths = {views: round(sum(ns) / len(ns)) for views, ns in sorted(by_views.items())}
+    return round(total * layers * dtype.itemsize), lengths
+
+
 def _warn_full_size(
-    collator: VLMCollator, sample: Sample, layers: int, dtype: torch.dtype, count: int
+    collator: VLMCollator, samples: Sequence[Sample], layers: int, dtype: torch.dtype
 ) -> None:
-    length = collator([sample]).inputs["input_ids"].shape[1]
-    per_sample = layers * length**2 * dtype.itemsize
+    size, lengths = estimate_full_bytes(collator, samples, layers, dtype)
+    mix = ", ".join(f"{views} image{'s' * (views != 1)}: L ~ {n}" for views, n in lengths.items())
     console.print(
-        f"[yellow]warning:[/yellow] full maps are L^2 values per layer and sample: about {_size(per_sample)} per "
-        f"sample at L = {length} (the first sample; {layers} layers, {str(dtype).removeprefix('torch.')}), about "
-        f"{_size(per_sample * count)} for {count} samples"
+        f"[yellow]warning:[/yellow] full maps are L^2 values per layer and sample: about {_size(size)} for "
+        f"{len(samples)} samples ({mix}; {layers} layers, {str(dtype).removeprefix('torch.')}), "
+        f"about {_size(size / max(len(samples), 1))} per sample"
     )
 
 
