@@ -14,6 +14,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from drivekd.data.schema import CAPABILITIES
 from drivekd.fileio import write_atomically
@@ -32,11 +33,11 @@ FIGURES = {
 
 
 def write_figures(runs: Sequence[Run], out_dir: str | Path) -> dict[str, Path]:
-    """Draw every figure into ``out_dir``; the figure-2 summary shows the first run."""
+    """Draw every figure into ``out_dir``, each showing every run (figure 2: one row per run)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawers = {
-        "summary": lambda: summary_figure(*runs[0]),
+        "summary": lambda: summary_figure(runs),
         "similarity": lambda: similarity_figure(runs),
         "intra": lambda: intra_figure(runs),
         "dispersion": lambda: dispersion_figure(runs),
@@ -49,20 +50,20 @@ def write_figures(runs: Sequence[Run], out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def summary_figure(label: str, metrics: dict[str, Any]) -> Figure:
-    """Figure 2: (a) adjacent and vision-text cosine, (b) intra per capability, (c) hidden vs attention
-    dispersion across questions, (d) generalised margin along the answer, driving vs general, at tau = 1."""
-    fig = Figure(figsize=(16, 3.8), layout="constrained")
-    axes = fig.subplots(1, 4)
-    _similarity(axes[0], metrics)
-    axes[0].set_title("(a) layer-wise cosine")
-    _intra(axes[1], metrics, CAPABILITIES)
-    axes[1].set_title("(b) capability intra-consistency")
-    _dispersion(axes[2], metrics, "question")
-    axes[2].set_title("(c) dispersion across questions")
-    _confidence(axes[3], metrics, "margin", temperatures=["1"])
-    axes[3].set_title("(d) generalised margin, tau = 1.0")
-    fig.suptitle(f"Pre-study summary: {label}")
+def summary_figure(runs: Sequence[Run]) -> Figure:
+    """Figure 2, one row per run: (a) adjacent and vision-text cosine, (b) intra per capability, (c) hidden vs
+    attention dispersion across questions, (d) generalised margin along the answer, driving vs general, tau = 1."""
+    fig, axes = _grid(len(runs), 4, width=4.0, height=3.6)
+    for row, (label, metrics) in zip(axes, runs, strict=True):
+        _similarity(row[0], metrics)
+        row[0].set_title(f"{label}\n(a) layer-wise cosine")
+        _intra(row[1], metrics, CAPABILITIES)
+        row[1].set_title(f"{label}\n(b) capability intra-consistency")
+        _dispersion(row[2], metrics, "question")
+        row[2].set_title(f"{label}\n(c) dispersion across questions")
+        _confidence(row[3], metrics, "margin", temperatures=["1"])
+        row[3].set_title(f"{label}\n(d) generalised margin, tau = 1.0")
+    fig.suptitle("Pre-study summary" + (f": {runs[0][0]}" if len(runs) == 1 else ", one row per model"))
     return fig
 
 
@@ -127,7 +128,7 @@ def _similarity(ax: Axes, metrics: dict[str, Any]) -> None:
         if curve["values"] is not None:
             ax.plot(curve["layers"], _nan(curve["values"]), marker=marker, ms=3, label=label)
             drawn = True
-    ax.set_xlabel("layer")
+    _layer_axis(ax)
     ax.set_ylabel("cosine")
     _finish(ax, metrics, drawn, "no tokens")
 
@@ -146,7 +147,7 @@ def _intra(ax: Axes, metrics: dict[str, Any], capabilities: Sequence[str]) -> No
             low = [v - s for v, s in zip(_nan(values), _nan(stderr), strict=True)]
             high = [v + s for v, s in zip(_nan(values), _nan(stderr), strict=True)]
             ax.fill_between(intra["layers"], low, high, color=COLOURS[capability], alpha=0.2)
-    ax.set_xlabel("layer")
+    _layer_axis(ax)
     ax.set_ylabel("mean pairwise cosine")
     _finish(ax, metrics, drawn, "fewer than 2 images with questions\nof this capability")
 
@@ -161,7 +162,7 @@ def _dispersion(ax: Axes, metrics: dict[str, Any], kind: str) -> bool:
             continue
         ax.plot(dispersion["layers"], _nan(curves["all"]), marker=marker, ms=3, label=signal)
         drawn = True
-    ax.set_xlabel("layer")
+    _layer_axis(ax)
     ax.set_ylabel("1 - cos")
     note = (
         'no paraphrase groups in the data\n(meta["paraphrase_of"])'
@@ -199,10 +200,16 @@ def _finish(ax: Axes, metrics: dict[str, Any] | None, drawn: bool, note: str) ->
         ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
         return
     recommended = (metrics or {}).get("recommended_layers")
-    for block in recommended["layers"].values() if recommended else ():
+    for k, block in enumerate(recommended["layers"].values() if recommended else ()):
         for name in ("perception", "planning"):
-            ax.axvline(block[name], color=COLOURS[name], linestyle=":", linewidth=1)
+            label = f"recommended {name} layer" if k == 0 else None
+            ax.axvline(block[name], color=COLOURS[name], linestyle=":", linewidth=1, label=label)
     ax.legend(fontsize=7)
+
+
+def _layer_axis(ax: Axes) -> None:
+    ax.set_xlabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _grid(rows: int, columns: int, *, width: float, height: float) -> tuple[Figure, Any]:
