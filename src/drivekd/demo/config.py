@@ -48,7 +48,7 @@ class DemoConfig:
     bench_ttft_runs: int
     family: str = "qwen2_5_vl"
     data_seed: int = 0
-    image_size: tuple[int, int] = (224, 112)  # the tiny pair's processor size (W, H): 8 x 4 vision tokens
+    image_size: tuple[int, int] = (112, 63)  # the tiny pair's processor size (W, H)
 
     def to_json(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))  # tuples as lists, as they read back from demo.json

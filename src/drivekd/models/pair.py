@@ -93,7 +93,7 @@ def build_tiny_pair(
     *,
     teacher: TinySize = TINY_TEACHER,
     student: TinySize = TINY_STUDENT,
-    image_size: tuple[int, int] = (224, 112),
+    image_size: tuple[int, int] = (112, 63),
     seed: int = 0,
 ) -> ModelPair:
     """A randomly initialised teacher/student pair sharing one offline tokenizer and processor."""

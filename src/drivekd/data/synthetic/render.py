@@ -1,10 +1,13 @@
 """PIL rendering of synthetic scenes into nuScenes-style camera images, and where each object lands in them.
 
-Every camera is a level pinhole at the ego vehicle's centre, 1.5 m above the ground, turned by its rig yaw.
-Ground polygons and 3-D boxes are clipped at a near plane, projected and painted far to near. What a model
-must read is drawn explicitly: body yaw and lit indicators for turning vehicles, lit brake lights and no
-motion streaks for stopped ones, the lit lamp of a traffic light, lane-dash length for the ego speed and the
-road's vanishing point for its steering. Images are drawn at twice the requested size and box-filtered down;
+Every camera is a level pinhole at the ego vehicle's centre, 1.5 m above the ground, turned by its rig yaw. The
+road, its markings and the buildings are ground polygons and 3-D boxes clipped at a near plane, projected and
+painted far to near. Road users and signals are schematic icons standing at their projected position: a flat
+silhouette per category in the object's colour, at least ``ICON_MIN`` of the image height tall whatever its
+distance, so that a tiny VLM's 28 x 28-pixel vision tokens can see it. What a model must read is drawn
+explicitly and large: a motion marker above each road user (arrow up, left or right, a red brake bar, a
+crossing or walking arrow), the lit lamp of a traffic light, and in CAM_FRONT the ego vehicle's own arrow (tilt:
+steering; length and colour: speed). Images are drawn at twice the requested size and box-filtered down;
 placements are reported at the requested size.
 """
 
@@ -60,12 +63,10 @@ SKY: dict[str, tuple[Colour, Colour]] = {  # top, horizon
     "dusk": ((60, 62, 118), (238, 156, 98)),
 }
 GROUND, SIDEWALK, ASPHALT = (100, 116, 82), (166, 164, 158), (76, 76, 80)
-LINE_WHITE, LINE_YELLOW, STREAK = (236, 236, 230), (232, 186, 40), (150, 150, 162)
+LINE_WHITE, LINE_YELLOW = (236, 236, 230), (232, 186, 40)
 GLASS, TYRE, SKIN, TROUSERS, POLE = (58, 74, 96), (34, 34, 36), (222, 178, 146), (46, 46, 64), (92, 92, 98)
-BRAKE_ON, BRAKE_OFF, HEADLIGHT, INDICATOR = (255, 36, 36), (112, 26, 26), (250, 246, 204), (255, 160, 0)
 LAMP_ON: dict[str, Colour] = {"red": (255, 48, 40), "yellow": (255, 204, 40), "green": (60, 236, 96)}
 LAMP_OFF: dict[str, Colour] = {"red": (70, 24, 24), "yellow": (70, 60, 20), "green": (20, 60, 30)}
-LAMP_Z = {"red": 5.65, "yellow": 5.1, "green": 4.55}
 DASH_PERIOD = 10.0
 DASH_FRACTION = {
     "not moving": 0.2,
