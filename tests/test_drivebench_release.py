@@ -258,7 +258,17 @@ def test_export_predictions_as_drivebench_rows(tmp_path: Path) -> None:
     assert [r["tag"] for r in rows] == [[0], [3], [1]]
     partial = _predictions(tmp_path / "partial.jsonl", dict(list(answers.items())[:2]))
     result = runner.invoke(
-        app, ["data", "export-drivebench", str(jsonl), "--out", str(out), "--predictions", str(partial)]
+        app,
+        [
+            "data",
+            "export-drivebench",
+            str(jsonl),
+            "--out",
+            str(out),
+            "--predictions",
+            str(partial),
+            "--overwrite",
+        ],
     )
     assert result.exit_code == 2 and "1 of 3 samples have no prediction" in result.output
 

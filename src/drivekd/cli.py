@@ -4,17 +4,36 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-from drivekd.errors import DriveKDError
+from drivekd.errors import DataError, DriveKDError, OutputExistsError
+
+if TYPE_CHECKING:
+    from drivekd.training.config import TrainConfig
+
+
+class _OneLineErrors(TyperGroup):
+    """The top command group: an error this package raises on purpose (bad input, config, model source) that a
+    command did not report itself ends as one ``error:`` line and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except DriveKDError as err:
+            raise _fail(err) from None
+
 
 app = typer.Typer(
-    help="Drive-KD: distil driving VLMs with capability-specific attention signals.", no_args_is_help=True
+    help="Drive-KD: distil driving VLMs with capability-specific attention signals.",
+    no_args_is_help=True,
+    cls=_OneLineErrors,
 )
 models_app = typer.Typer(help="Build tiny teacher/student pairs.", no_args_is_help=True)
 bench_app = typer.Typer(
@@ -126,16 +145,53 @@ def tiny_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder for teacher/ and student/.")],
     family: Annotated[str, typer.Option(help="qwen2_5_vl | internvl | qwen3_vl")] = "qwen2_5_vl",
     seed: int = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a pair already saved in --out.")
+    ] = False,
 ) -> None:
     """Build a tiny random teacher/student pair offline and save it in Hugging Face format."""
+    from drivekd.models.families import get_family
     from drivekd.models.pair import build_tiny_pair
 
     try:
-        pair = build_tiny_pair(family, seed=seed)
+        get_family(family)
     except ValueError as err:
         raise _fail(err) from None
-    pair.save(out)
+    existing = [out / role for role in ("teacher", "student") if (out / role).exists()]
+    if existing and not overwrite:
+        raise _fail(
+            OutputExistsError(f"{existing[0]} exists; pass --overwrite to replace it or choose another --out")
+        )
+    build_tiny_pair(family, seed=seed).save(out)
     console.print(f"saved {family} teacher and student under {out}")
+
+
+def check_train_inputs(cfg: TrainConfig) -> None:
+    """What ``train`` needs that can be checked before any model loads: a known family, every model folder or hub
+    id findable (its config read, no weights), and a data file with samples of the capabilities trained."""
+    from drivekd.data.schema import read_jsonl
+    from drivekd.models.families import check_model_source, get_family
+
+    model = cfg.model
+    get_family(model.family)
+    names = {"model.student": model.student, "model.teacher": model.teacher}
+    names |= {f"model.teachers.{k}": v for k, v in (model.teachers or {}).items()}
+    for name in names.values():
+        if name and name != "tiny" and not (name == model.teacher and model.cache):
+            check_model_source(name)
+    if not cfg.data.train:
+        return  # the trainer names the missing key
+    root = Path(cfg.data.image_root) if cfg.data.image_root else None
+    wanted = set(cfg.capabilities)
+    if not any(s.capability in wanted for s in read_jsonl(cfg.data.train, image_root=root)):
+        raise DataError(
+            cfg.data.train,
+            None,
+            "data.train",
+            f"no samples of the trained capabilities ({', '.join(sorted(wanted))})",
+            hint="pass a Drive-KD JSONL file with samples (drivekd data synth / import-...), or change "
+            "data.capabilities",
+        )
 
 
 @app.command("train", context_settings={"allow_extra_args": False})
@@ -153,6 +209,7 @@ def train_cmd(
         overrides, config = [str(config), *(overrides or [])], None
     try:
         cfg = load_config(config, overrides or [])
+        check_train_inputs(cfg)
         result = train(cfg)
     except (ConfigError, DriveKDError) as err:
         raise _fail(err) from None
@@ -174,7 +231,10 @@ def bench_capture_cmd(
     """Cost of attention capture vs a plain SDPA SFT step (one fresh process per variant)."""
     from drivekd.bench.capture import config_for, run
 
-    cfg = config_for(quick, device=device, dtype=dtype)
+    try:
+        cfg = config_for(quick, device=device, dtype=dtype)
+    except ValueError as err:
+        raise _fail(err) from None
     console.print(
         f"decoder hidden {cfg.hidden}, {cfg.layers} layers, {cfg.heads}/{cfg.kv_heads} heads; L = {cfg.length} with "
         f"{cfg.vision_tokens} vision tokens; {cfg.device} {cfg.dtype}"

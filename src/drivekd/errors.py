@@ -45,3 +45,11 @@ class CaptureError(DriveKDError):
 
 class CacheError(DriveKDError):
     """A teacher-signal cache is missing, corrupt, incomplete or does not match the batch it is asked for."""
+
+
+class ModelSourceError(DriveKDError, ValueError):
+    """A model named by a flag or config cannot be loaded: unknown family, missing folder, unreachable hub id."""
+
+
+class OutputExistsError(DriveKDError):
+    """A command would replace an existing file or one of its own inputs without ``--overwrite``."""

@@ -3,8 +3,10 @@ never sees half of it and an existing file is only ever replaced by a complete o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from drivekd.errors import OutputExistsError
 
 
 def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
@@ -20,3 +22,18 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
 
 def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def refuse_overwrite(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Raise :class:`OutputExistsError` when writing ``out`` would replace one of ``inputs`` or an existing file,
+    unless ``overwrite``; so nothing is replaced by a command that was not told to."""
+    if overwrite:
+        return
+    for source in inputs:
+        if source.exists() and out.exists() and out.samefile(source):
+            raise OutputExistsError(
+                f"--out {out} is the input file {source}: writing it would replace the input; choose another "
+                "--out (or pass --overwrite to replace it)"
+            )
+    if out.exists():
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")

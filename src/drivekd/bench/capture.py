@@ -23,6 +23,7 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from drivekd.bench.measure import measure
+from drivekd.bench.options import check_device_and_dtype
 from drivekd.bench.workers import ratios, run_variants
 from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture_attention
 from drivekd.data.roles import TVIndex
@@ -232,6 +233,7 @@ def run(cfg: CaptureBenchConfig, variants: tuple[str, ...] = VARIANTS) -> dict[s
 
 
 def config_for(quick: bool, **overrides: Any) -> CaptureBenchConfig:
+    check_device_and_dtype(overrides.get("device"), overrides.get("dtype"))
     cfg = QUICK if quick else CaptureBenchConfig()
     return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 

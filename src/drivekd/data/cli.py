@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from drivekd.errors import DriveKDError
+from drivekd.errors import DataError, DriveKDError, OutputExistsError
+from drivekd.fileio import refuse_overwrite, write_text_atomically
 
 data_app = typer.Typer(help="Import, generate and validate driving VQA data (JSONL).", no_args_is_help=True)
 console = Console(stderr=True, soft_wrap=True)
@@ -39,6 +40,16 @@ VisualDescriptions = Annotated[
         help="DriveBench's visual_description.json: ground-truth object descriptions for the judge.",
     ),
 ]
+AllowOutsideRoot = Annotated[
+    bool,
+    typer.Option(
+        "--allow-outside-root",
+        help="Accept image paths that lead outside the image root (.., absolute paths, symlinks out of it).",
+    ),
+]
+Overwrite = Annotated[
+    bool, typer.Option("--overwrite", help="Replace --out when it exists (or is the input file).")
+]
 Out = Annotated[Path, typer.Option("--out", help="Drive-KD JSONL to write.")]
 ExportOut = Annotated[Path, typer.Option("--out", help="JSON file to write.")]
 ExportRoot = Annotated[
@@ -49,16 +60,29 @@ ExportRoot = Annotated[
 ]
 
 
+IMAGE_HINT = "replace or regenerate the image, or remove the row"
+
+
 def _fail(err: Exception) -> typer.Exit:
     console.print(f"[red]error:[/red] {escape(str(err))}")
     return typer.Exit(code=2)
 
 
-def _import(importer: Callable[..., Any], path: Path, out: Path, skip_invalid: bool, **options: Any) -> None:
-    """Run an importer and write its samples; a file of which nothing could be imported is a failure (exit 2)."""
+def _import(
+    importer: Callable[..., Any],
+    path: Path,
+    out: Path,
+    skip_invalid: bool,
+    overwrite: bool,
+    inputs: tuple[Path | None, ...] = (),
+    **options: Any,
+) -> None:
+    """Run an importer and write its samples; a file of which nothing could be imported is a failure (exit 2), and
+    so is an ``out`` that exists or is an input, unless ``overwrite``."""
     from drivekd.data.schema import write_jsonl
 
     try:
+        refuse_overwrite(out, overwrite=overwrite, inputs=[p for p in (path, *inputs) if p is not None])
         result = importer(path, skip_invalid=skip_invalid, **options)
     except DriveKDError as err:
         raise _fail(err) from None
@@ -78,11 +102,22 @@ def import_drivelm_cmd(
     image_root: ImageRoot = None,
     text_only: TextOnly = False,
     skip_invalid: SkipInvalid = False,
+    allow_outside_root: AllowOutsideRoot = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Convert a DriveLM challenge file (test_eval.json, train_sample.json) to Drive-KD JSONL."""
     from drivekd.data.drivelm import import_drivelm
 
-    _import(import_drivelm, path, out, skip_invalid, image_root=image_root, text_only=text_only)
+    _import(
+        import_drivelm,
+        path,
+        out,
+        skip_invalid,
+        overwrite,
+        image_root=image_root,
+        text_only=text_only,
+        allow_outside_root=allow_outside_root,
+    )
 
 
 @data_app.command("import-drivebench")
@@ -93,6 +128,8 @@ def import_drivebench_cmd(
     text_only: TextOnly = False,
     visual_descriptions: VisualDescriptions = None,
     skip_invalid: SkipInvalid = False,
+    allow_outside_root: AllowOutsideRoot = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Convert a DriveBench file as released (test, corruption or prediction file) to Drive-KD JSONL.
 
@@ -105,8 +142,11 @@ def import_drivebench_cmd(
         path,
         out,
         skip_invalid,
+        overwrite,
+        (visual_descriptions,),
         image_root=image_root,
         text_only=text_only,
+        allow_outside_root=allow_outside_root,
         visual_descriptions=visual_descriptions,
     )
 
@@ -118,16 +158,27 @@ def import_drivekd_cmd(
     image_root: ImageRoot = None,
     text_only: TextOnly = False,
     skip_invalid: SkipInvalid = False,
+    allow_outside_root: AllowOutsideRoot = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Convert a file in the Drive-KD release format (messages, images, question_type) to Drive-KD JSONL."""
     from drivekd.data.drivekd_format import import_drivekd
 
-    _import(import_drivekd, path, out, skip_invalid, image_root=image_root, text_only=text_only)
+    _import(
+        import_drivekd,
+        path,
+        out,
+        skip_invalid,
+        overwrite,
+        image_root=image_root,
+        text_only=text_only,
+        allow_outside_root=allow_outside_root,
+    )
 
 
 def _write_rows(rows: list[dict[str, Any]], out: Path, what: str) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_text_atomically(out, json.dumps(rows, indent=2, ensure_ascii=False))
     console.print(f"wrote {len(rows)} {what} to {out}")
 
 
@@ -150,6 +201,8 @@ def export_drivebench_cmd(
             "input); drivelm-submission: the DriveLM challenge's [{id, question, answer}] (needs --predictions).",
         ),
     ] = "drivebench",
+    allow_outside_root: AllowOutsideRoot = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Write Drive-KD JSONL as a DriveBench file, or its predictions as a DriveLM challenge submission."""
     from drivekd.data.drivebench import to_drivebench
@@ -160,7 +213,8 @@ def export_drivebench_cmd(
     if fmt == "drivelm-submission" and predictions is None:
         raise _fail(ValueError("--format drivelm-submission needs --predictions PRED.jsonl"))
     try:
-        samples = list(read_jsonl(path, image_root=image_root))
+        refuse_overwrite(out, overwrite=overwrite, inputs=[p for p in (path, predictions) if p is not None])
+        samples = list(read_jsonl(path, image_root=image_root, allow_outside_root=allow_outside_root))
         answers = (
             None
             if predictions is None
@@ -176,30 +230,56 @@ def export_drivebench_cmd(
 
 
 @data_app.command("export-drivekd")
-def export_drivekd_cmd(path: Path, out: ExportOut, image_root: ExportRoot = None) -> None:
+def export_drivekd_cmd(
+    path: Path,
+    out: ExportOut,
+    image_root: ExportRoot = None,
+    allow_outside_root: AllowOutsideRoot = False,
+    overwrite: Overwrite = False,
+) -> None:
     """Write Drive-KD JSONL in the Drive-KD release format (messages, images, question_type)."""
     from drivekd.data.drivekd_format import to_drivekd
     from drivekd.data.schema import read_jsonl
 
     try:
-        rows = to_drivekd(read_jsonl(path, image_root=image_root))
+        refuse_overwrite(out, overwrite=overwrite, inputs=[path])
+        rows = to_drivekd(read_jsonl(path, image_root=image_root, allow_outside_root=allow_outside_root))
     except DriveKDError as err:
         raise _fail(err) from None
     _write_rows(rows, out, "Drive-KD items")
 
 
 @data_app.command("validate")
-def validate_cmd(path: Path, image_root: ImageRoot = None, skip_invalid: SkipInvalid = False) -> None:
-    """Check every row of a JSONL file (schema, tags, cameras, images on disk unless text-only) and summarise it."""
+def validate_cmd(
+    path: Path, image_root: ImageRoot = None, allow_outside_root: AllowOutsideRoot = False
+) -> None:
+    """Check every row of a JSONL file and summarise it: schema, ids, tags, cameras, and every image decoded
+    (unless text-only). Exit 1 when a row is invalid (each is listed), 2 when the file is missing or empty."""
     from collections import Counter
 
+    from drivekd.data.images import ImageFileError, open_image
     from drivekd.data.schema import read_jsonl
 
-    errors: list = []
+    errors: list[DataError] = []
+    root = image_root if image_root is not None else path.parent
+    samples: list[Any] = []
     try:
-        samples = list(read_jsonl(path, image_root=image_root, skip_invalid=skip_invalid, errors=errors))
+        rows = read_jsonl(
+            path, image_root=root, skip_invalid=True, errors=errors, allow_outside_root=allow_outside_root
+        )
+        for sample in rows:
+            for k, image in enumerate(sample.shown_images):
+                try:
+                    open_image(image.resolve(root, allow_outside_root=allow_outside_root)).close()
+                except ImageFileError as err:
+                    errors.append(DataError(str(path), sample.id, f"images.{k}.path", str(err), IMAGE_HINT))
+                    break
+            else:
+                samples.append(sample)
     except DriveKDError as err:
         raise _fail(err) from None
+    if not samples and not errors:
+        raise _fail(ValueError(f"{path}: the file holds no rows (pass a Drive-KD JSONL file with samples)"))
     for err in errors:
         console.print(f"[yellow]invalid[/yellow] {escape(str(err))}")
     table = Table(title=f"{path}: {len(samples)} valid samples, {len(errors)} invalid")
@@ -230,19 +310,38 @@ def synth_cmd(
     width: Annotated[int, typer.Option(help="Image width in pixels.")] = 256,
     height: Annotated[int, typer.Option(help="Image height in pixels.")] = 144,
     seed: int = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the data set already in --out.")
+    ] = False,
 ) -> None:
     """Generate the procedural synthetic driving set (single front view and/or six nuScenes cameras)."""
     from drivekd.data.synthetic import generate_dataset
 
+    counts = {"train": train, "val": val, "test": test}
     if views not in ("single", "multi", "both") or domain not in ("driving", "general"):
         raise _fail(
             ValueError(
                 f"--views must be single|multi|both and --domain driving|general, got {views}, {domain}"
             )
         )
+    if min(counts.values()) < 0 or sum(counts.values()) == 0 or min(width, height) < 1:
+        raise _fail(
+            ValueError(
+                f"--train, --val and --test must be >= 0 scenes (not all 0) and --width, --height >= 1 pixel, got "
+                f"{train}, {val}, {test} scenes of {width}x{height}"
+            )
+        )
+    written = [out / f"{split}.jsonl" for split in counts if (out / f"{split}.jsonl").exists()]
+    if written and not overwrite:
+        raise _fail(
+            OutputExistsError(
+                f"{out} already holds a data set ({', '.join(p.name for p in written)}); pass --overwrite to "
+                "replace it or choose another --out"
+            )
+        )
     summaries = generate_dataset(
         out,
-        n_scenes={"train": train, "val": val, "test": test},
+        n_scenes=counts,
         seed=seed,
         views=views,  # type: ignore[arg-type]
         image_size=(width, height),

@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from transformers import ProcessorMixin
 
+from drivekd.data.images import ImageFileError, open_image
 from drivekd.data.roles import TokenRoles
-from drivekd.data.schema import Sample
+from drivekd.data.schema import ImageRef, Sample
 from drivekd.errors import DataError
 
 IGNORE_INDEX = -100
@@ -79,7 +80,8 @@ class VLMCollator:
     """Collate :class:`Sample` objects for one model family.
 
     ``padding_side`` is explicit because processors disagree on the default (InternVL pads left). With
-    ``with_answer=False`` the batch ends at the generation prompt (for evaluation).
+    ``with_answer=False`` the batch ends at the generation prompt (for evaluation). Images are opened only inside
+    ``image_root`` unless ``allow_outside_root``, and decoded with a pixel limit (:mod:`drivekd.data.images`).
     """
 
     def __init__(
@@ -91,8 +93,10 @@ class VLMCollator:
         padding_side: Literal["left", "right"] = "right",
         system_prompt: str = SYSTEM_PROMPT,
         with_answer: bool = True,
+        allow_outside_root: bool = False,
     ) -> None:
         self.processor = processor
+        self.allow_outside_root = allow_outside_root
         self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
         self.image_root = Path(image_root)
@@ -144,7 +148,7 @@ class VLMCollator:
         messages = build_messages(sample, system_prompt=self.system_prompt)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         shown = sample.shown_images
-        images = [self._load_image(sample, k, im.resolve(self.image_root)) for k, im in enumerate(shown)]
+        images = [self._load_image(sample, k, im) for k, im in enumerate(shown)]
         out = self.processor(text=[prompt], images=[images] if images else None, return_tensors="pt")
         prompt_ids = out["input_ids"][0]
         extra = {k: v for k, v in out.items() if k in _CONCAT_KEYS}
@@ -179,13 +183,12 @@ class VLMCollator:
         ids = self.tokenizer(answer + suffix, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
         return ids
 
-    def _load_image(self, sample: Sample, index: int, path: Path) -> Image.Image:
+    def _load_image(self, sample: Sample, index: int, image: ImageRef) -> Image.Image:
         try:
-            with Image.open(path) as image:
-                return image.convert("RGB")
-        except (FileNotFoundError, OSError) as err:
+            return open_image(image.resolve(self.image_root, allow_outside_root=self.allow_outside_root))
+        except ImageFileError as err:
             raise DataError(
-                str(path),
+                str(self.image_root / image.path),
                 sample.id,
                 f"images.{index}.path",
                 f"cannot read image: {err}",

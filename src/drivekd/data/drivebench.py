@@ -56,12 +56,14 @@ def import_drivebench(
     *,
     skip_invalid: bool = False,
     text_only: bool = False,
+    allow_outside_root: bool = False,
     visual_descriptions: str | Path | None = None,
 ) -> ImportResult:
     """Read a DriveBench question, corruption or prediction file (``pred`` is kept in ``meta["pred"]``).
 
     ``image_root`` is the folder the rows' ``image_path`` entries are relative to (the root of a DriveBench
-    checkout); with ``text_only`` images are neither needed nor checked and the samples say so. With
+    checkout), and image paths must stay inside it unless ``allow_outside_root``; with ``text_only`` images are
+    neither needed nor checked and the samples say so. With
     ``visual_descriptions`` (DriveBench's ``visual_description.json``) each sample gets the infos of the objects
     it references in ``meta["object_infos"]``, matched as upstream matches; a question naming an object the file
     does not describe is an error, since the official judge could not describe it either.
@@ -79,7 +81,9 @@ def import_drivebench(
         )
     root = image_root_of(str(path), image_root, text_only)
     descriptions = None if visual_descriptions is None else _Descriptions(Path(visual_descriptions))
-    return collect(_samples(str(path), data, root, descriptions), skip_invalid=skip_invalid)
+    return collect(
+        _samples(str(path), data, root, descriptions, allow_outside_root), skip_invalid=skip_invalid
+    )
 
 
 class _Descriptions:
@@ -115,7 +119,7 @@ class _Descriptions:
 
 
 def _samples(
-    file: str, rows: list[Any], root: Path | None, descriptions: _Descriptions | None
+    file: str, rows: list[Any], root: Path | None, descriptions: _Descriptions | None, outside: bool
 ) -> Iterator[Sample | DataError]:
     seen: Counter[tuple[str, str, str]] = Counter()
     for index, row in enumerate(rows):
@@ -131,7 +135,7 @@ def _samples(
                 meta["pred"] = row["pred"]
             images = read_images(where, "image_path", require(where, row, "image_path", dict))
             if root is not None:
-                check_on_disk(where, "image_path", images, root)
+                check_on_disk(where, "image_path", images, root, allow_outside_root=outside)
             sample = make_sample(
                 where,
                 fields=("question", "answer"),

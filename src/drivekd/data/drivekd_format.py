@@ -67,10 +67,12 @@ def import_drivekd(
     *,
     skip_invalid: bool = False,
     text_only: bool = False,
+    allow_outside_root: bool = False,
 ) -> ImportResult:
     """Read a file in the Drive-KD release format (see the module docstring).
 
-    ``image_root`` is the folder the ``images`` paths are relative to; with ``text_only`` images are neither
+    ``image_root`` is the folder the ``images`` paths are relative to (and must stay inside, unless
+    ``allow_outside_root``); with ``text_only`` images are neither
     needed nor checked and the samples say so. An unusable item raises a :class:`DataError` whose row is its list
     index; with ``skip_invalid`` it is skipped and its error listed instead. Ids are the items' ``id`` keys when
     present, else ``{file stem}_{index}``.
@@ -78,7 +80,7 @@ def import_drivekd(
     path = Path(path)
     items = _items(str(path), load_json(path))
     root = image_root_of(str(path), image_root, text_only)
-    return collect(_samples(str(path), path.stem, items, root), skip_invalid=skip_invalid)
+    return collect(_samples(str(path), path.stem, items, root, allow_outside_root), skip_invalid=skip_invalid)
 
 
 def _items(file: str, data: Any) -> list[Any]:
@@ -95,16 +97,18 @@ def _items(file: str, data: Any) -> list[Any]:
     return data
 
 
-def _samples(file: str, stem: str, items: list[Any], root: Path | None) -> Iterator[Sample | DataError]:
+def _samples(
+    file: str, stem: str, items: list[Any], root: Path | None, outside: bool
+) -> Iterator[Sample | DataError]:
     for index, item in enumerate(items):
         where = Where(file, index)
         try:
-            yield _sample(where, item, stem, root)
+            yield _sample(where, item, stem, root, outside)
         except DataError as err:
             yield err
 
 
-def _sample(where: Where, item: Any, stem: str, root: Path | None) -> Sample:
+def _sample(where: Where, item: Any, stem: str, root: Path | None, outside: bool) -> Sample:
     if not isinstance(item, dict):
         raise where.error("<row>", f"expected a JSON object, got {type(item).__name__}")
     type_field = next(
@@ -121,7 +125,7 @@ def _sample(where: Where, item: Any, stem: str, root: Path | None) -> Sample:
             hint=f"write one {IMAGE} per entry of 'images'",
         )
     if root is not None:
-        check_on_disk(where, "images", images, root)
+        check_on_disk(where, "images", images, root, allow_outside_root=outside)
     question = user.replace(IMAGE, "").strip()
     answer, rationale = split_final(reply)
     options = _options(question)

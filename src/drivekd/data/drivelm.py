@@ -41,11 +41,12 @@ def import_drivelm(
     *,
     skip_invalid: bool = False,
     text_only: bool = False,
+    allow_outside_root: bool = False,
 ) -> ImportResult:
     """Read a DriveLM file (``test_eval.json``, ``test.json``, ``train_sample.json``, ...).
 
     ``image_root`` is the folder that contains ``nuscenes/``; with ``text_only`` images are neither needed nor
-    checked and the samples say so. An unusable scene, frame or QA item raises a :class:`DataError` whose row is
+    checked and the samples say so; image paths must stay inside the root unless ``allow_outside_root``. An unusable scene, frame or QA item raises a :class:`DataError` whose row is
     its key path (``scene/frame/QA/perception/3``); with ``skip_invalid`` it is skipped and its error listed in
     the result instead.
     """
@@ -55,7 +56,7 @@ def import_drivelm(
         message = f"expected a JSON object mapping scene tokens to scenes, got {type(data).__name__}"
         raise DataError(str(path), None, None, message, hint="pass a DriveLM file such as test_eval.json")
     root = image_root_of(str(path), image_root, text_only)
-    return collect(_samples(str(path), data, root), skip_invalid=skip_invalid)
+    return collect(_samples(str(path), data, root, allow_outside_root), skip_invalid=skip_invalid)
 
 
 def _stored_path(path: str) -> str:
@@ -66,7 +67,9 @@ def _stored_path(path: str) -> str:
     return "/".join(parts[parts.index("nuscenes") :]) if "nuscenes" in parts else path
 
 
-def _samples(file: str, data: dict[str, Any], root: Path | None) -> Iterator[Sample | DataError]:
+def _samples(
+    file: str, data: dict[str, Any], root: Path | None, outside: bool
+) -> Iterator[Sample | DataError]:
     for scene, scene_data in data.items():
         try:
             frames = require(Where(file, scene), scene_data, "key_frames", dict)
@@ -74,17 +77,19 @@ def _samples(file: str, data: dict[str, Any], root: Path | None) -> Iterator[Sam
             yield err
             continue
         for frame, frame_data in frames.items():
-            yield from _frame_samples(Where(file, f"{scene}/{frame}"), scene, frame, frame_data, root)
+            yield from _frame_samples(
+                Where(file, f"{scene}/{frame}"), scene, frame, frame_data, root, outside
+            )
 
 
 def _frame_samples(
-    where: Where, scene: str, frame: str, frame_data: Any, root: Path | None
+    where: Where, scene: str, frame: str, frame_data: Any, root: Path | None, outside: bool
 ) -> Iterator[Sample | DataError]:
     try:
         paths = require(where, frame_data, "image_paths", dict)
         images = read_images(where, "image_paths", paths, stored=_stored_path)
         if root is not None:
-            check_on_disk(where, "image_paths", images, root)
+            check_on_disk(where, "image_paths", images, root, allow_outside_root=outside)
         groups = require(where, frame_data, "QA", dict)
         infos = read_object_infos(where, "key_object_infos", frame_data.get("key_object_infos", {}))
     except DataError as err:

@@ -18,6 +18,7 @@ from typing import Any, cast
 from pydantic import ValidationError
 
 from drivekd.data.cameras import CAMERAS, check_camera
+from drivekd.data.images import OUTSIDE_ROOT_HINT, ImageFileError
 from drivekd.data.schema import OPTION_LETTERS, TASK_TO_CAPABILITY, ImageRef, Kind, Sample, Task
 from drivekd.data.tags import NUSCENES_SIZE, ObjectTag, normalise_tags_in_text, parse_tags
 from drivekd.errors import DataError
@@ -177,9 +178,18 @@ def read_images(
     return sorted(images.values(), key=lambda image: CAMERAS.index(image.camera))
 
 
-def check_on_disk(where: Where, name: str, images: list[ImageRef], root: Path) -> None:
-    """Raise :class:`MissingImages` when an image of field ``name`` is not a file under ``root``."""
-    missing = [(image, image.resolve(root)) for image in images if not image.resolve(root).is_file()]
+def check_on_disk(
+    where: Where, name: str, images: list[ImageRef], root: Path, *, allow_outside_root: bool = False
+) -> None:
+    """Raise :class:`MissingImages` when an image of field ``name`` is not a file under ``root``, and a
+    :class:`DataError` when its path leads outside ``root`` (unless ``allow_outside_root``)."""
+    resolved = []
+    for image in images:
+        try:
+            resolved.append((image, image.resolve(root, allow_outside_root=allow_outside_root)))
+        except ImageFileError as err:
+            raise where.error(f"{name}.{image.camera}", str(err), OUTSIDE_ROOT_HINT) from None
+    missing = [(image, path) for image, path in resolved if not path.is_file()]
     if not missing:
         return
     image, path = missing[0]

@@ -31,7 +31,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from drivekd.data.cameras import CAMERAS, check_camera
-from drivekd.data.tags import ObjectTag
+from drivekd.data.images import OUTSIDE_ROOT_HINT, ImageFileError, confine
+from drivekd.data.tags import ObjectTag, parse_tags
 from drivekd.errors import DataError
 from drivekd.fileio import write_atomically
 
@@ -63,9 +64,10 @@ class ImageRef(BaseModel):
     def _known_camera(cls, value: str) -> str:
         return check_camera(value)
 
-    def resolve(self, root: Path) -> Path:
-        path = Path(self.path)
-        return path if path.is_absolute() else root / path
+    def resolve(self, root: Path, *, allow_outside_root: bool = False) -> Path:
+        """The image's path under ``root``; one that resolves outside it (``..``, absolute, a symlink out) raises
+        :class:`~drivekd.data.images.ImageFileError` unless ``allow_outside_root``."""
+        return confine(root, self.path, allow_outside_root=allow_outside_root)
 
 
 class Sample(BaseModel):
@@ -91,6 +93,21 @@ class Sample(BaseModel):
     meta: dict[str, Any] = Field(default_factory=dict)
 
     # Field validators run in declaration order, so each check below sees the fields it depends on.
+    @field_validator("question", "answer", "rationale")
+    @classmethod
+    def _well_formed_tags(cls, text: str | None) -> str | None:
+        if text:
+            try:
+                parse_tags(text)
+            except (
+                ValueError
+            ) as err:  # a pydantic ValidationError of a tag's camera or coordinates is one too
+                first = err.errors()[0]["msg"] if isinstance(err, ValidationError) else str(err)
+                raise ValueError(
+                    f"{first.removeprefix('Value error, ')} (write tags as <cK,CAM_NAME,x,y>)"
+                ) from None
+        return text
+
     @field_validator("images")
     @classmethod
     def _distinct_cameras(cls, images: list[ImageRef]) -> list[ImageRef]:
@@ -165,17 +182,24 @@ def validate_row(row: Any, *, file: str, index: int) -> Sample:
         raise DataError(file, index, _field_of(err), _message_of(err)) from None
 
 
-def check_images(sample: Sample, root: Path, *, file: str, index: int) -> None:
-    """Raise a :class:`DataError` naming the first image of ``sample`` that is not on disk (none for text-only)."""
+def check_images(
+    sample: Sample, root: Path, *, file: str, index: int, allow_outside_root: bool = False
+) -> None:
+    """Raise a :class:`DataError` naming the first image of ``sample`` that is outside ``root`` or not on disk
+    (none for text-only)."""
     if sample.text_only:
         return
     for k, image in enumerate(sample.images):
-        if not image.resolve(root).is_file():
+        try:
+            path = image.resolve(root, allow_outside_root=allow_outside_root)
+        except ImageFileError as err:
+            raise DataError(file, index, f"images.{k}.path", str(err), hint=OUTSIDE_ROOT_HINT) from None
+        if not path.is_file():
             raise DataError(
                 file,
                 index,
                 f"images.{k}.path",
-                f"image not found: {image.resolve(root)}",
+                f"image not found: {path}",
                 hint="check the image root (--image-root) or pass --skip-invalid",
             )
 
@@ -187,26 +211,57 @@ def read_jsonl(
     check_files: bool = True,
     skip_invalid: bool = False,
     errors: list[DataError] | None = None,
+    allow_outside_root: bool = False,
 ) -> Iterator[Sample]:
     """Stream samples from a JSONL file, validating each row.
 
-    ``image_root`` defaults to the file's folder. With ``skip_invalid`` bad rows are appended to ``errors`` (when
-    given) and skipped instead of raising. Text-only samples' images are never checked.
+    ``image_root`` defaults to the file's folder; image paths must stay inside it unless ``allow_outside_root``.
+    With ``skip_invalid`` bad rows are appended to ``errors`` (when given) and skipped instead of raising.
+    Text-only samples' images are never checked. A line that is not UTF-8 and an id seen on an earlier line are
+    errors of that line. A file that cannot be opened is a :class:`DataError` naming it.
     """
     path = Path(path)
     root = image_root if image_root is not None else path.parent
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    seen: dict[str, int] = {}
+    try:
+        handle = path.open("rb")
+    except OSError as err:
+        raise DataError(
+            str(path),
+            None,
+            None,
+            f"cannot read the file: {err.strerror or err}",
+            hint="pass an existing JSONL file",
+        ) from None
+    with handle:
+        for lineno, raw in enumerate(handle, start=1):
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(
+                        str(path), lineno, None, f"not UTF-8 text: {err.reason} at byte {err.start}"
+                    ) from None
+                if not line.strip():
+                    continue
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(str(path), lineno, None, f"not valid JSON: {err.msg}") from None
                 sample = validate_row(row, file=str(path), index=lineno)
                 if check_files:
-                    check_images(sample, root, file=str(path), index=lineno)
+                    check_images(
+                        sample, root, file=str(path), index=lineno, allow_outside_root=allow_outside_root
+                    )
+                if sample.id in seen:
+                    raise DataError(
+                        str(path),
+                        lineno,
+                        "id",
+                        f"duplicate id {sample.id!r} (first on row {seen[sample.id]})",
+                        hint="give every sample its own id",
+                    )
+                seen[sample.id] = lineno
             except DataError as err:
                 if not skip_invalid:
                     raise

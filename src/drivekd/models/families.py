@@ -8,6 +8,8 @@ demo exercise the same model classes as real runs.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -33,6 +35,7 @@ from transformers import (
     Qwen3VLProcessor,
 )
 
+from drivekd.errors import ModelSourceError
 from drivekd.models.tokenizer import build_tokenizer
 
 
@@ -103,9 +106,12 @@ class FamilyAdapter(ABC):
     def load(
         self, name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", **kwargs: Any
     ) -> tuple[PreTrainedModel, ProcessorMixin]:
-        """Load a real checkpoint and its processor (hub id or local folder)."""
-        model = self.model_cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-        return model, self.load_processor(name_or_path)
+        """Load a real checkpoint and its processor (hub id or local folder); one that cannot be found or fetched
+        is a :class:`ModelSourceError` saying what to pass instead."""
+        check_model_source(name_or_path)
+        with _named_source(name_or_path):
+            model = self.model_cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
+            return model, self.load_processor(name_or_path)
 
     def load_processor(self, name_or_path: str | Path) -> ProcessorMixin:
         """The family's processor; a saved image-only processor (no video processor files) loads as such."""
@@ -337,7 +343,10 @@ def get_family(name: str) -> FamilyAdapter:
     try:
         return FAMILIES[name]
     except KeyError:
-        raise ValueError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}") from None
+        raise ModelSourceError(
+            f"unknown model family {name!r}; supported: {', '.join(FAMILIES)} (set model.family / --family to one "
+            "of them)"
+        ) from None
 
 
 def family_of(model_or_config: PreTrainedModel | PretrainedConfig) -> FamilyAdapter:
@@ -352,4 +361,41 @@ def family_of(model_or_config: PreTrainedModel | PretrainedConfig) -> FamilyAdap
 
 def load_pretrained(name_or_path: str | Path, **kwargs: Any) -> tuple[PreTrainedModel, ProcessorMixin]:
     """Load any supported VLM by reading its config first to pick the family."""
-    return family_of(AutoConfig.from_pretrained(name_or_path)).load(name_or_path, **kwargs)
+    return family_of(check_model_source(name_or_path)).load(name_or_path, **kwargs)
+
+
+def _looks_like_folder(name: str) -> bool:
+    """A name meant as a local folder rather than a hub id (``namespace/name``)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+@contextmanager
+def _named_source(name_or_path: str | Path) -> Iterator[None]:
+    """Turn what ``from_pretrained`` raises for a model it cannot find or fetch into a :class:`ModelSourceError`."""
+    try:
+        yield
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelSourceError(
+            f"cannot load model {str(name_or_path)!r}: {first} (pass a saved Hugging Face model folder, or a hub id "
+            "that is reachable or already downloaded: huggingface-cli download <id> while online, HF_HUB_OFFLINE=1 "
+            "after)"
+        ) from None
+
+
+def check_model_source(name_or_path: str | Path) -> PretrainedConfig:
+    """The config of a model folder or hub id, read without loading weights, so a missing folder or an unreachable
+    hub id is refused (as a :class:`ModelSourceError`) before any model is loaded."""
+    name = str(name_or_path)
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise ModelSourceError(
+                f"model folder {name} has no config.json: pass a folder saved by save_pretrained (or a hub id)"
+            )
+    elif folder.exists() or _looks_like_folder(name):
+        raise ModelSourceError(
+            f"model folder not found: {name} (pass an existing saved model folder or a hub id)"
+        )
+    with _named_source(name):
+        return AutoConfig.from_pretrained(name)

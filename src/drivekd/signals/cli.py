@@ -137,15 +137,16 @@ def cache_teacher_cmd(
                 f"--dtype must be float16|float32, --padding-side left|right and --tv-rows text|non_image, got "
                 f"{dtype}, {padding_side}, {tv_rows}"
             )
+        root = image_root if image_root is not None else data.parent
+        # Read first, so bad data is refused before the teacher loads.
+        samples = list(read_jsonl(data, image_root=root))
+        if not samples:
+            raise ValueError(f"{data} has no samples")
         model, processor = load_spec(teacher, role="teacher")
         model.to(device)
         family = family_of(model)
         spec = f"{layers};{FULL_LAYERS}" if full else layers
         needs = parse_layer_spec(spec, len(family.decoder_layers(model)))
-        root = image_root if image_root is not None else data.parent
-        samples = list(read_jsonl(data, image_root=root))
-        if not samples:
-            raise ValueError(f"{data} has no samples")
         side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
         collator = VLMCollator(processor, family.image_token_id(model), image_root=root, padding_side=side)
         if needs.full_layers:

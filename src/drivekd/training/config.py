@@ -151,7 +151,7 @@ class OptimConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     epochs: float = Field(3, gt=0)
-    max_steps: int | None = None  # overrides epochs when set
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
     grad_accum: int = Field(4, ge=1)
     max_grad_norm: float | None = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # autocast; fp16 adds dynamic loss scaling
@@ -166,8 +166,8 @@ class OptimConfig(_Section):
 class RunConfig(_Section):
     output_dir: str = "runs/train"
     seed: int = 42
-    log_every: int = 1
-    save_every: int = 50  # optimizer steps between checkpoints
+    log_every: int = Field(1, ge=1)
+    save_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
     keep_checkpoints: int = 2
     max_nonfinite_streak: int = 5
     resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
