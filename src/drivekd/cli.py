@@ -103,12 +103,14 @@ def _register_subcommands() -> None:
     from drivekd.demo.cli import demo_app
     from drivekd.evaluation.cli import bench_inference_cmd, eval_app, judge_app
     from drivekd.signals.cli import cache_teacher_cmd
+    from drivekd.training.cli import migrate_checkpoint_cmd
 
     app.add_typer(data_app, name="data")
     app.add_typer(eval_app, name="eval")
     app.add_typer(judge_app, name="judge")
     bench_app.command("inference")(bench_inference_cmd)
     app.command("cache-teacher")(cache_teacher_cmd)
+    app.command("migrate-checkpoint")(migrate_checkpoint_cmd)
     app.command("analyze")(analyze_cmd)
     app.command("analyze-figures")(figures_cmd)
     app.add_typer(demo_app, name="demo")

@@ -1,20 +1,28 @@
-"""Atomic checkpoints: the student in Hugging Face format plus everything needed to resume bit for bit.
+"""Atomic, checksummed checkpoints: the student in Hugging Face format plus everything needed to resume bit for bit.
 
 A checkpoint is written into ``checkpoint-N.tmp`` and renamed to ``checkpoint-N`` only when complete, so a run
-killed mid-write leaves the previous checkpoint as the newest one. ``trainer_state.pt`` holds the optimizer,
-scheduler, RNG, sampler, reweighting, stage-2 permutation generator and counters.
+killed mid-write leaves the previous checkpoint as the newest one. Nothing in it is a pickle: the trainer state
+(optimizer, scheduler, RNG, sampler, reweighting, stage-2 permutation generator, counters) is
+``trainer_state.safetensors`` plus ``trainer_state.json`` (:mod:`drivekd.training.statefile`), and ``config.yaml`` is
+a copy of the run's config. ``manifest.json``, written last, holds the sha256 and size of every other file; a
+checkpoint without it, or whose files differ from it, is not resumed (:func:`problem`).
 
 The HF folder ``student`` is written in the save dtype (``model.save_dtype``; native: the dtype the pretrained
 checkpoint declares), which is what transformers and vLLM load. When that cast loses anything (fp32 master weights
 saved as bf16, say), the exact working values of every cast tensor are kept in ``master_weights.safetensors``, and
 resume restores them bit for bit.
+
+Checkpoints of the earlier format (a pickled ``trainer_state.pt``, no manifest) are refused; :func:`migrate` converts
+one, reading the pickle with ``torch.load(weights_only=True)``, which runs no code from the file.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,9 +30,22 @@ from typing import Any
 import numpy as np
 import torch
 
-STATE_FILE = "trainer_state.pt"
+from drivekd.errors import DriveKDError
+from drivekd.training import statefile
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+OLD_STATE_FILE = "trainer_state.pt"  # the earlier, pickled format
+CONFIG_FILE = "config.yaml"  # the run's config when the checkpoint was written
+MANIFEST = "manifest.json"  # sha256 and size of every other file, written last
 MASTER_FILE = "master_weights.safetensors"  # exact working values of the tensors the HF folder holds cast
+MIGRATE_COMMAND = "drivekd migrate-checkpoint"
 _ALIASES = "aliases"  # safetensors metadata: names that share another name's tensor (tied weights)
+_NAME = re.compile(r"checkpoint-(\d+)")
+
+
+class CheckpointError(DriveKDError):
+    """A checkpoint cannot be resumed or migrated (corrupt, truncated, incomplete, of the old format)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -51,11 +72,13 @@ def save_checkpoint(
     keep: int,
     weights: dict[str, torch.Tensor] | None = None,
     save_dtype: torch.dtype | None = None,
+    config_text: str | None = None,
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically and keep only the ``keep`` newest.
 
     ``weights``: the full state dict to save instead of the student's own (a sharded student's gathered weights).
     ``save_dtype``: the floating dtype of the HF folder (default: the working dtypes as they are).
+    ``config_text``: the run's config, kept as ``config.yaml`` in the checkpoint.
     """
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp"
@@ -71,7 +94,10 @@ def save_checkpoint(
         _save_exact(lost, tmp / MASTER_FILE)
     if processor is not None:
         processor.save_pretrained(tmp / "student")
-    torch.save(state, tmp / STATE_FILE)
+    statefile.save_state(state, tmp / STATE_TENSORS, tmp / STATE_JSON)
+    if config_text is not None:
+        (tmp / CONFIG_FILE).write_text(config_text)
+    write_manifest(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(output_dir)[:-keep]:
@@ -80,9 +106,84 @@ def save_checkpoint(
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and not p.name.endswith(".tmp")]
+    """Folders named ``checkpoint-<N>``, oldest first (not ``checkpoint-N.tmp``, ``best`` or any other name);
+    whether each is valid is :func:`problem`'s question."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and _NAME.fullmatch(p.name)]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, leave_out: str | None = None) -> None:
+    """Record the sha256 and size of every file under ``folder`` (but ``leave_out``) in its ``manifest.json``."""
+    names = [name for name in _files(folder) if name != leave_out]
+    files = {
+        name: {"sha256": _sha256(folder / name), "bytes": (folder / name).stat().st_size} for name in names
+    }
+    manifest = {"format": "drivekd-checkpoint", "version": 1, "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be resumed (old format, no manifest, a file missing, truncated, changed or not
+    listed), or None when every file matches its manifest."""
+    manifest = checkpoint / MANIFEST
+    if (checkpoint / OLD_STATE_FILE).exists():
+        return (
+            f"it is in the old format ({OLD_STATE_FILE}, a pickle, which is never loaded): convert it once with "
+            f"`{MIGRATE_COMMAND} {checkpoint}`"
+        )
+    if not manifest.is_file():
+        return f"it is incomplete: it has no {MANIFEST} (written last, so the write was interrupted)"
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+        expected = {name: (entry["sha256"], int(entry["bytes"])) for name, entry in listed.items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST} is unreadable (corrupt)"
+    for name, (digest, size) in sorted(expected.items()):
+        path = checkpoint / name
+        if not path.is_file():
+            return f"it is incomplete: {name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, not the {size} written (truncated or replaced)"
+        if _sha256(path) != digest:
+            return f"{name} does not match its sha256 checksum (corrupt or changed since it was written)"
+    unlisted = sorted(set(_files(checkpoint)) - expected.keys())
+    if unlisted:
+        return f"it holds files its {MANIFEST} does not list: {', '.join(unlisted[:3])}"
+    return None
+
+
+def resume_point(output_dir: Path, mode: bool | str) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint to resume from under ``run.resume=mode`` and the newer ones skipped with their problems.
+
+    ``True``: the newest checkpoint, refused (:class:`CheckpointError`) when it is not valid; ``"latest_valid"``: the
+    newest valid one; ``False``: none.
+    """
+    found = list_checkpoints(output_dir) if mode is not False else []
+    skipped: list[tuple[Path, str]] = []
+    for checkpoint in reversed(found):
+        why = problem(checkpoint)
+        if why is None:
+            return checkpoint, skipped
+        if mode is True:
+            older = "; or set run.resume=latest_valid to resume from the newest valid checkpoint instead"
+            raise CheckpointError(f"cannot resume from {checkpoint}: {why}{older}")
+        skipped.append((checkpoint, why))
+    if skipped:
+        listed = "; ".join(f"{c.name}: {why}" for c, why in skipped)
+        raise CheckpointError(
+            f"{output_dir} holds no valid checkpoint to resume from ({listed}): repair or remove them, or train "
+            "into a new run.output_dir"
+        )
+    return None, skipped
 
 
 def _saved_state(student: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -183,7 +284,50 @@ def resolve_save_dtype(save_dtype: str, source: str, working: str) -> torch.dtyp
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / STATE_FILE, weights_only=False)
+    """The trainer state of a checkpoint (check it with :func:`problem` first; resume does)."""
+    return statefile.load_state(checkpoint / STATE_TENSORS, checkpoint / STATE_JSON)
+
+
+def _numpy_globals() -> list[Any]:
+    """What a pickled numpy array (numpy's RNG state) needs from ``torch.load(weights_only=True)``: no code runs."""
+    dtypes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def migrate(checkpoint: Path) -> None:
+    """Convert a checkpoint of the old format (pickled ``trainer_state.pt``) into this one, in place.
+
+    The pickle is read with ``torch.load(weights_only=True)``, which accepts tensors, containers and numpy arrays
+    and refuses anything that would run code; a refused file changes nothing.
+    """
+    old = checkpoint / OLD_STATE_FILE
+    if not old.is_file():
+        raise CheckpointError(f"{checkpoint} has no {OLD_STATE_FILE} to migrate")
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(old, map_location="cpu", weights_only=True)
+    except Exception as err:  # the unpickler's and the zip reader's errors alike: the file is not usable
+        raise CheckpointError(
+            f"cannot migrate {checkpoint}: torch.load(weights_only=True) refused {OLD_STATE_FILE}: "
+            f"{_unpickler_reason(err)}. Nothing was run or changed; a file that needs more than tensors, containers "
+            "and arrays is not a Drive-KD trainer state"
+        ) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(
+            f"cannot migrate {checkpoint}: {OLD_STATE_FILE} is not a Drive-KD trainer state"
+        )
+    statefile.save_state(state, checkpoint / STATE_TENSORS, checkpoint / STATE_JSON)
+    write_manifest(
+        checkpoint, leave_out=OLD_STATE_FILE
+    )  # until the pickle is gone it stays of the old format
+    old.unlink()
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The line of torch's weights-only error that says what was refused (it wraps it in advice to disable it)."""
+    paragraphs = [p.strip() for p in str(err).split("\n\n") if p.strip()]
+    middle = [p for p in paragraphs[1:] if not p.startswith("Check the documentation")] or paragraphs[:1]
+    return " ".join(p.split("WeightsUnpickler error:")[-1].strip() for p in middle) or type(err).__name__
 
 
 def load_student_weights(student: torch.nn.Module, checkpoint: Path) -> None:
