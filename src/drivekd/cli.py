@@ -43,9 +43,29 @@ app.add_typer(models_app, name="models")
 app.add_typer(bench_app, name="bench")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"drivekd {version('drivekd')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the installed version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Global options. Command modules import torch only when a command runs, so `drivekd --help` is fast."""
+
+
 # Options shared by the benchmarks.
 JsonOut = Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")]
-Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cpu)")]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available, else cpu)")]
 DType = Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: float32)")]
 
 
@@ -76,9 +96,10 @@ def bench_step_cmd(
     """Cost of a multi-teacher step in both gradient groupings (plain, exact AGP, amortised, naive references, live
     teacher, checkpointing) vs plain SFT."""
     from drivekd.bench.step import config_for, run
+    from drivekd.devices import default_device
 
     try:
-        cfg = config_for("quick" if quick else size, device=device, dtype=dtype)
+        cfg = config_for("quick" if quick else size, device=device or default_device(), dtype=dtype)
     except ValueError as err:
         raise _fail(err) from None
     report = run(cfg)
@@ -202,15 +223,30 @@ def train_cmd(
     overrides: Annotated[
         list[str] | None, typer.Argument(help="Dotted overrides, e.g. optim.lr=1e-4.")
     ] = None,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config", help="Print the resolved config (YAML, every key) and exit without training."
+        ),
+    ] = False,
 ) -> None:
     """Distil a student (single- or multi-teacher, AGP, reweighting); resumes from the newest checkpoint."""
     from drivekd.training.config import ConfigError, load_config
-    from drivekd.training.trainer import train
 
     if config is not None and "=" in str(config) and not config.exists():
         overrides, config = [str(config), *(overrides or [])], None
     try:
         cfg = load_config(config, overrides or [])
+    except ConfigError as err:
+        raise _fail(err) from None
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+        return
+    from drivekd.training.trainer import train
+
+    try:
         check_train_inputs(cfg)
         result = train(cfg)
     except (ConfigError, DriveKDError) as err:
@@ -232,9 +268,10 @@ def bench_capture_cmd(
 ) -> None:
     """Cost of attention capture vs a plain SDPA SFT step (one fresh process per variant)."""
     from drivekd.bench.capture import config_for, run
+    from drivekd.devices import default_device
 
     try:
-        cfg = config_for(quick, device=device, dtype=dtype)
+        cfg = config_for(quick, device=device or default_device(), dtype=dtype)
     except ValueError as err:
         raise _fail(err) from None
     console.print(

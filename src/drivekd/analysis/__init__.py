@@ -3,21 +3,30 @@
 ``metrics`` (eqs. 1-5, dispersion), ``confidence`` (eqs. 6-8), ``dataset`` (the pre-study set, grouped by image),
 ``runner`` (model + data -> metrics), ``selection`` (the layer rule), ``figures`` (figures 2, 4-8) and ``cli``
 (``drivekd analyze``). See docs/analysis.md.
+
+The names below load their module on first use, so importing ``drivekd.analysis.cli`` to list the command (``drivekd
+--help``) does not import torch.
 """
 
-from drivekd.analysis.dataset import PrestudySet, image_key, load_prestudy
-from drivekd.analysis.runner import AnalysisOptions, analyze
-from drivekd.analysis.selection import Curves, LayerChoice, fragment_yaml, recommend, select_layers
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "AnalysisOptions",
-    "Curves",
-    "LayerChoice",
-    "PrestudySet",
-    "analyze",
-    "fragment_yaml",
-    "image_key",
-    "load_prestudy",
-    "recommend",
-    "select_layers",
-]
+_HOMES = {
+    "PrestudySet": "dataset",
+    "image_key": "dataset",
+    "load_prestudy": "dataset",
+    "AnalysisOptions": "runner",
+    "analyze": "runner",
+    "Curves": "selection",
+    "LayerChoice": "selection",
+    "fragment_yaml": "selection",
+    "recommend": "selection",
+    "select_layers": "selection",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_HOMES[name]}"), name)

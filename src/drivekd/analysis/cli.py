@@ -10,27 +10,25 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from transformers import PreTrainedModel, ProcessorMixin
 
-from drivekd.analysis.confidence import TEMPERATURES
-from drivekd.analysis.dataset import PrestudySet, load_prestudy
-from drivekd.analysis.figures import write_figures
-from drivekd.analysis.runner import AnalysisOptions, analyze
-from drivekd.analysis.selection import ROLES, fragment_yaml, recommend, train_overrides
 from drivekd.errors import DriveKDError
 from drivekd.fileio import write_text_atomically
-from drivekd.models.families import FamilyAdapter, family_of
-from drivekd.models.pair import load_spec
+
+if TYPE_CHECKING:  # the analysis imports torch: loaded when a command runs, not for `drivekd --help`
+    from transformers import PreTrainedModel, ProcessorMixin
+
+    from drivekd.analysis.dataset import PrestudySet
+    from drivekd.analysis.runner import AnalysisOptions
+    from drivekd.models.families import FamilyAdapter
 
 console = Console(stderr=True, soft_wrap=True)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def analyze_cmd(
@@ -70,8 +68,11 @@ def analyze_cmd(
     ] = None,
     dtype: Annotated[str, typer.Option("--dtype", help="auto, float32, bfloat16 or float16")] = "auto",
     temperatures: Annotated[
-        str, typer.Option("--temperatures", help="Comma-separated softmax temperatures (eqs. 6-8).")
-    ] = ",".join(f"{t:g}" for t in TEMPERATURES),
+        str | None,
+        typer.Option(
+            "--temperatures", help="Comma-separated softmax temperatures (eqs. 6-8; default: 0.7,1,2)."
+        ),
+    ] = None,
     bins: Annotated[int, typer.Option("--bins", help="Position bins along the answer.")] = 10,
     dispersion_questions: Annotated[
         int, typer.Option("--dispersion-questions", help="Questions per image entering the dispersion pairs.")
@@ -82,10 +83,15 @@ def analyze_cmd(
     ] = False,
 ) -> None:
     """Pre-study analyses of section 3.2 (eqs. 1-8) and the adaptive layer recommendation for one model."""
+    from drivekd.analysis.confidence import TEMPERATURES
+    from drivekd.analysis.dataset import load_prestudy
+    from drivekd.analysis.runner import AnalysisOptions
+    from drivekd.analysis.selection import ROLES
+
     try:
         options = AnalysisOptions(
             batch_size=batch_size,
-            temperatures=_temperatures(temperatures),
+            temperatures=_temperatures(temperatures) if temperatures is not None else TEMPERATURES,
             bins=bins,
             dispersion_questions=dispersion_questions,
         )
@@ -139,6 +145,8 @@ def figures_cmd(
     ] = None,
 ) -> None:
     """Draw figures 2 and 4-8 for several analysed models side by side (e.g. one family at several scales)."""
+    from drivekd.analysis.figures import write_figures
+
     try:
         runs = [json.loads(path.read_text(encoding="utf-8")) for path in metrics]
         names = (
@@ -158,13 +166,20 @@ def figures_cmd(
 def load_model(
     spec: str, *, family: str | None, role: str, dtype: str, device: str | None, seed: int = 0
 ) -> tuple[PreTrainedModel, ProcessorMixin, FamilyAdapter]:
-    """``tiny:<family>`` builds the tiny teacher or student (by ``role``) offline; anything else is loaded with
-    ``from_pretrained`` (the family read from the config unless given)."""
+    """``tiny:<family>`` builds the tiny teacher or student (by ``role``) offline; a LoRA checkpoint loads its base
+    with the adapter merged; anything else is loaded with ``from_pretrained`` (the family read from the config unless
+    given) (:func:`~drivekd.models.pair.load_spec`). ``device`` defaults to CUDA when there is one."""
+    import torch
+
+    from drivekd.devices import default_device
+    from drivekd.models.families import family_of
+    from drivekd.models.pair import load_spec
+
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    model, processor = load_spec(spec, role=role, family=family, dtype=DTYPES.get(dtype, "auto"), seed=seed)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return model.to(device), processor, family_of(model)
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    model, processor = load_spec(spec, role=role, family=family, dtype=torch_dtype, seed=seed)
+    return model.to(device or default_device()), processor, family_of(model)
 
 
 def analyze_and_write(
@@ -181,6 +196,9 @@ def analyze_and_write(
     progress: Any = None,
 ) -> tuple[dict[str, Any], list[Path]]:
     """:func:`analyze` one model, recommend its ``role``'s layers and write the results to ``out``."""
+    from drivekd.analysis.runner import analyze
+    from drivekd.analysis.selection import recommend
+
     metrics = analyze(model, processor, adapter, data, general, options, progress=progress)
     metrics["model"] |= {"name": name, "role": role}
     metrics["recommended_layers"] = recommend(metrics, role)  # type: ignore[arg-type]
@@ -189,6 +207,9 @@ def analyze_and_write(
 
 def write_results(metrics: dict[str, Any], out: Path, *, label: str) -> list[Path]:
     """Write metrics.json, layers.yaml and the figures; returns the paths."""
+    from drivekd.analysis.figures import write_figures
+    from drivekd.analysis.selection import fragment_yaml
+
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, layers_path = out / "metrics.json", out / "layers.yaml"
     write_text_atomically(metrics_path, json.dumps(json_safe(metrics), indent=1, allow_nan=False))
@@ -228,6 +249,8 @@ def _progress() -> Any:
 
 
 def _print_summary(metrics: dict[str, Any], written: list[Path]) -> None:
+    from drivekd.analysis.selection import train_overrides
+
     recommended = metrics["recommended_layers"]
     block = recommended["layers"][recommended["role"]]
     evidence = recommended["evidence"]

@@ -97,16 +97,24 @@ def generate_cmd(
     ] = None,
     batch_size: int = 4,
     max_new_tokens: int = 256,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (spread over GPUs).")] = "cpu",
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="cpu, cuda, cuda:N or auto (spread over GPUs); default: cuda if available, else cpu."
+        ),
+    ] = None,
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
     backend: Annotated[str, typer.Option(help="hf, or vllm (GPU, needs the vllm package).")] = "hf",
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Answer every sample with a model; predictions are appended as they come, so a rerun continues."""
+    from drivekd.devices import default_device
     from drivekd.evaluation.generate import generate_hf, generate_vllm, load_model
     from drivekd.evaluation.inputs import load_samples
     from drivekd.evaluation.predictions import PredictionWriter
+
+    device = device or default_device()
 
     if backend not in ("hf", "vllm"):
         raise _fail(ValueError(f"--backend must be hf or vllm, got {backend!r}"))
@@ -497,7 +505,8 @@ def bench_inference_cmd(
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens generated per request.")] = None,
     ttft_runs: Annotated[int | None, typer.Option(help="One-token generations for the median TTFT.")] = None,
     device: Annotated[
-        str | None, typer.Option(help="cpu or cuda (default: cuda for presets, else cpu).")
+        str | None,
+        typer.Option(help="cpu or cuda (default: cuda for presets, else cuda if available, else cpu)."),
     ] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 (default: bf16 on cuda).")] = None,
     backend: Annotated[str, typer.Option(help="hf, or vllm (GPU, when installed).")] = "hf",
@@ -517,6 +526,7 @@ def bench_inference_cmd(
     (--teacher-name/--student-name) for `drivekd eval report --bench` to put the figures in its row."""
     from dataclasses import replace
 
+    from drivekd.devices import default_device
     from drivekd.evaluation.inference import (
         PRESET_PAIRS,
         QUICK,
@@ -545,7 +555,8 @@ def bench_inference_cmd(
     specs = tuple(
         spec if name is None else replace(spec, name=name) for spec, name in zip(specs, names, strict=True)
     )
-    if device and device.startswith("cuda") and dtype is None:
+    device = device or (base.device if preset_pair is not None else default_device())  # presets need a GPU
+    if device.startswith("cuda") and dtype is None:
         dtype = "bfloat16"
     overrides = {
         "samples": str(samples) if samples else None,

@@ -25,7 +25,8 @@ from drivekd.data.collate import VLMCollator, build_messages
 from drivekd.data.schema import Sample
 from drivekd.evaluation.predictions import PredictionRecord, PredictionWriter
 from drivekd.evaluation.progress import progress_bar
-from drivekd.models.families import FamilyAdapter, family_of, load_pretrained
+from drivekd.models.families import FamilyAdapter, family_of
+from drivekd.models.pair import load_spec
 
 
 @dataclass
@@ -49,15 +50,16 @@ def vllm_available() -> bool:
 def load_model(
     name_or_path: str | Path, *, device: str = "cpu", dtype: str = "auto"
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A hub id or a folder saved with ``save_pretrained`` (a trained Drive-KD student), on ``device``.
+    """A hub id, a folder saved with ``save_pretrained`` or a LoRA student's adapter folder (a trained Drive-KD
+    student, :func:`~drivekd.models.pair.load_spec`), on ``device``.
 
     ``device="auto"`` spreads a large model over the visible GPUs (``device_map="auto"``).
     """
     torch_dtype: Any = dtype if dtype == "auto" else getattr(torch, dtype)
     if device == "auto":
-        model, processor = load_pretrained(name_or_path, dtype=torch_dtype, device_map="auto")
+        model, processor = load_spec(name_or_path, dtype=torch_dtype, device_map="auto")
     else:
-        model, processor = load_pretrained(name_or_path, dtype=torch_dtype)
+        model, processor = load_spec(name_or_path, dtype=torch_dtype)
         model = model.to(device)
     return model.eval(), processor
 

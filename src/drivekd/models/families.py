@@ -7,6 +7,7 @@ demo exercise the same model classes as real runs.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLProcessor,
 )
+from transformers.utils import is_torchvision_available
 
 from drivekd.errors import ModelSourceError
 from drivekd.models.tokenizer import build_tokenizer
@@ -70,17 +72,47 @@ def mrope_section(head_dim: int) -> list[int]:
     return [half - 2 * (half // 3), half // 3, half // 3]
 
 
-def _without_video(processor_cls: type[ProcessorMixin]) -> type[ProcessorMixin]:
-    """A processor subclass that accepts ``video_processor=None``.
+VIDEO_CONFIG = "video_preprocessor_config.json"
+# Image processor settings a family's video processor shares (the rest of its settings keep their defaults).
+_VIDEO_KEYS = (
+    "size",
+    "resample",
+    "do_resize",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+    "patch_size",
+    "temporal_patch_size",
+    "merge_size",
+)
+
+
+def _without_video(processor_cls: type[ProcessorMixin], video_processor_type: str) -> type[ProcessorMixin]:
+    """A processor subclass that accepts ``video_processor=None`` and still saves a complete processor folder.
 
     The Qwen and InternVL processors type-check every slot, and their video processors need torchvision, which is
-    not importable beside the CPU torch wheel; tiny models never see video.
+    not importable beside the CPU torch wheel; tiny models never see video. Saving writes the family's video
+    processor config too (``video_processor_type`` and the image settings it shares), so that the folder loads
+    with ``AutoProcessor.from_pretrained`` wherever transformers can build that video processor.
     """
 
     class ImageOnly(processor_cls):  # type: ignore[misc, valid-type]
         @classmethod
         def get_attributes(cls) -> list[str]:
             return [name for name in super().get_attributes() if name != "video_processor"]
+
+        def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:
+            saved = super().save_pretrained(save_directory, *args, **kwargs)
+            image = self.image_processor.to_dict()
+            video = {k: image[k] for k in _VIDEO_KEYS if k in image}
+            video["video_processor_type"] = video_processor_type
+            (Path(save_directory) / VIDEO_CONFIG).write_text(
+                json.dumps(video, indent=2, sort_keys=True) + "\n"
+            )
+            return saved
 
     ImageOnly.__name__ = ImageOnly.__qualname__ = processor_cls.__name__
     return ImageOnly
@@ -93,6 +125,8 @@ class FamilyAdapter(ABC):
     model_types: ClassVar[tuple[str, ...]]
     model_cls: ClassVar[type[PreTrainedModel]]
     processor_cls: ClassVar[type[ProcessorMixin]]
+    # The transformers class of the family's video processor (named in a saved folder's video config).
+    video_processor_type: ClassVar[str]
     # Named special tokens the family's processor reads from its tokenizer.
     special_tokens: ClassVar[dict[str, str]]
     chat_tokens: ClassVar[tuple[str, ...]] = ("<|im_start|>", "<|im_end|>")
@@ -107,17 +141,22 @@ class FamilyAdapter(ABC):
         self, name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", **kwargs: Any
     ) -> tuple[PreTrainedModel, ProcessorMixin]:
         """Load a real checkpoint and its processor (hub id or local folder); one that cannot be found or fetched
-        is a :class:`ModelSourceError` saying what to pass instead."""
+        is a :class:`ModelSourceError` saying what to pass instead. A local folder's absolute path becomes the
+        model's ``name_or_path``, which a LoRA adapter trained on it records as its base."""
         check_model_source(name_or_path)
+        folder = Path(name_or_path).expanduser()
+        source = str(folder.resolve()) if folder.is_dir() else str(name_or_path)
         with _named_source(name_or_path):
-            model = self.model_cls.from_pretrained(name_or_path, dtype=dtype, **kwargs)
-            return model, self.load_processor(name_or_path)
+            model = self.model_cls.from_pretrained(source, dtype=dtype, **kwargs)
+            return model, self.load_processor(source)
 
     def load_processor(self, name_or_path: str | Path) -> ProcessorMixin:
-        """The family's processor; a saved image-only processor (no video processor files) loads as such."""
+        """The family's processor. Without a usable torchvision, or from a folder saved without a video processor
+        config, it loads image-only (the video processor needs torchvision; Drive-KD never feeds video)."""
         folder = Path(name_or_path)
-        if folder.is_dir() and not (folder / "video_preprocessor_config.json").exists():
-            return _without_video(self.processor_cls).from_pretrained(folder)
+        no_video = folder.is_dir() and not (folder / VIDEO_CONFIG).exists()
+        if no_video or not is_torchvision_available():
+            return _without_video(self.processor_cls, self.video_processor_type).from_pretrained(name_or_path)
         return AutoProcessor.from_pretrained(name_or_path)
 
     def tiny_tokenizer(self) -> Any:
@@ -204,7 +243,7 @@ class _QwenAdapter(FamilyAdapter):
             temporal_patch_size=2,
             size={"shortest_edge": pixels, "longest_edge": pixels},
         )
-        return _without_video(self.processor_cls)(
+        return _without_video(self.processor_cls, self.video_processor_type)(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=None,
@@ -249,6 +288,7 @@ class Qwen25VLAdapter(_QwenAdapter):
     model_types = ("qwen2_5_vl",)
     model_cls = Qwen2_5_VLForConditionalGeneration
     processor_cls = Qwen2_5_VLProcessor
+    video_processor_type = "Qwen2VLVideoProcessor"
 
     def tiny_config(self, size: TinySize, tokenizer: Any, image_size: tuple[int, int]) -> PretrainedConfig:
         text = self._text_kwargs(size, tokenizer) | self._rope(size)
@@ -263,6 +303,7 @@ class Qwen3VLAdapter(_QwenAdapter):
     model_types = ("qwen3_vl",)
     model_cls = Qwen3VLForConditionalGeneration
     processor_cls = Qwen3VLProcessor
+    video_processor_type = "Qwen3VLVideoProcessor"
     patch_size = 16
 
     def tiny_config(self, size: TinySize, tokenizer: Any, image_size: tuple[int, int]) -> PretrainedConfig:
@@ -280,6 +321,7 @@ class InternVLAdapter(FamilyAdapter):
     model_types = ("internvl",)
     model_cls = InternVLForConditionalGeneration
     processor_cls = InternVLProcessor
+    video_processor_type = "InternVLVideoProcessor"
     special_tokens: ClassVar[dict[str, str]] = {
         "start_image_token": "<img>",
         "end_image_token": "</img>",
@@ -306,7 +348,7 @@ class InternVLAdapter(FamilyAdapter):
         image_processor = GotOcr2ImageProcessorPil(
             size={"height": tile, "width": tile}, crop_to_patches=True, max_patches=2
         )
-        return _without_video(self.processor_cls)(
+        return _without_video(self.processor_cls, self.video_processor_type)(
             image_processor=image_processor,
             tokenizer=tokenizer,
             video_processor=None,

@@ -16,17 +16,21 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from drivekd.data.collate import VLMCollator
 from drivekd.data.schema import Sample
-from drivekd.errors import LayoutMismatchError
+from drivekd.errors import LayoutMismatchError, ModelSourceError
 from drivekd.models.families import (
     TINY_STUDENT,
     TINY_TEACHER,
     FamilyAdapter,
     TinySize,
+    family_of,
     get_family,
     load_pretrained,
 )
+from drivekd.models.lora import adapter_base, is_adapter, merge_adapter
 
 TINY_PREFIX = "tiny:"
+TINY_IMAGE_SIZE = (112, 63)
+ROLES = ("teacher", "student")
 
 
 @dataclass
@@ -93,20 +97,44 @@ def build_tiny_pair(
     *,
     teacher: TinySize = TINY_TEACHER,
     student: TinySize = TINY_STUDENT,
-    image_size: tuple[int, int] = (112, 63),
+    image_size: tuple[int, int] = TINY_IMAGE_SIZE,
     seed: int = 0,
 ) -> ModelPair:
-    """A randomly initialised teacher/student pair sharing one offline tokenizer and processor."""
+    """A randomly initialised teacher/student pair sharing one offline tokenizer and processor.
+
+    A pair of the default shapes names its models by :func:`tiny_spec` (their ``name_or_path``), so a LoRA
+    adapter trained on one records a base that :func:`load_spec` rebuilds."""
     adapter = get_family(family)
     tokenizer = adapter.tiny_tokenizer()
     processor = adapter.tiny_processor(tokenizer, image_size)
-    return ModelPair(
+    pair = ModelPair(
         adapter,
         adapter.tiny_model(teacher, tokenizer, image_size, seed=seed),
         adapter.tiny_model(student, tokenizer, image_size, seed=seed + 1),
         processor,
         processor,
     )
+    if (teacher, student, tuple(image_size)) == (TINY_TEACHER, TINY_STUDENT, TINY_IMAGE_SIZE):
+        pair.teacher.name_or_path = tiny_spec(family, "teacher", seed)
+        pair.student.name_or_path = tiny_spec(family, "student", seed)
+    return pair
+
+
+def tiny_spec(family: str, role: str, seed: int) -> str:
+    """The full name of one model of a default tiny pair: ``tiny:<family>:<role>:<pair seed>``."""
+    return f"{TINY_PREFIX}{family}:{role}:{seed}"
+
+
+def _parse_tiny(spec: str, role: str, seed: int) -> tuple[str, str, int]:
+    """Family, role and pair seed of ``tiny:<family>`` (role and seed as given) or a full :func:`tiny_spec`."""
+    family, *rest = spec.removeprefix(TINY_PREFIX).split(":")
+    if not rest:
+        return family, role, seed
+    if len(rest) != 2 or rest[0] not in ROLES or not rest[1].isdigit():
+        raise ModelSourceError(
+            f"tiny model {spec!r} must be tiny:<family> or tiny:<family>:<teacher|student>:<seed>"
+        )
+    return family, rest[0], int(rest[1])
 
 
 def load_pair(family: str, teacher: str | Path, student: str | Path, **kwargs: Any) -> ModelPair:
@@ -118,22 +146,36 @@ def load_pair(family: str, teacher: str | Path, student: str | Path, **kwargs: A
 
 
 def load_spec(
-    spec: str,
+    spec: str | Path,
     *,
     role: str = "student",
     family: str | None = None,
     dtype: torch.dtype | str = "auto",
     seed: int = 0,
+    **kwargs: Any,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A model named on the command line: ``tiny:<family>`` builds that ``role`` of an offline tiny pair (random
-    weights); anything else is a hub id or folder loaded with ``from_pretrained`` (family read from its config
-    unless given)."""
+    """Load any model a command is given; every command that loads a model goes through here.
+
+    ``tiny:<family>`` builds that ``role`` of an offline tiny pair (random weights; a full :func:`tiny_spec` names
+    role and seed itself); a LoRA adapter folder (a LoRA student's checkpoint) loads the base model its adapter
+    config records, with the adapter merged in, and the processor saved beside the adapter; anything else is a hub
+    id or folder loaded with ``from_pretrained`` (family read from its config unless given; ``kwargs`` such as
+    ``device_map`` go to it)."""
+    spec = str(spec)
     if spec.startswith(TINY_PREFIX):
-        pair = build_tiny_pair(spec.removeprefix(TINY_PREFIX), seed=seed)
+        name, role, seed = _parse_tiny(spec, role, seed)
+        pair = build_tiny_pair(name, seed=seed)
         teacher = role == "teacher"
         model = pair.teacher if teacher else pair.student
         processor = pair.teacher_processor if teacher else pair.student_processor
         return (model if dtype == "auto" else model.to(dtype)), processor
+    if is_adapter(spec):
+        base, processor = load_spec(
+            adapter_base(spec), role=role, family=family, dtype=dtype, seed=seed, **kwargs
+        )
+        if (Path(spec).expanduser() / "processor_config.json").is_file():
+            processor = family_of(base).load_processor(Path(spec).expanduser())
+        return merge_adapter(base, spec), processor
     if family:
-        return get_family(family).load(spec, dtype=dtype)
-    return load_pretrained(spec, dtype=dtype)
+        return get_family(family).load(spec, dtype=dtype, **kwargs)
+    return load_pretrained(spec, dtype=dtype, **kwargs)

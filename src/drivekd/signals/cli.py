@@ -10,27 +10,26 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from drivekd.data.collate import VLMCollator
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.errors import DriveKDError
-from drivekd.losses.groups import paper_layer_to_index, penultimate_layer
-from drivekd.models.families import family_of
-from drivekd.models.pair import load_spec
-from drivekd.signals.cache import CacheReport, write_cache
-from drivekd.signals.types import SignalNeeds
+
+if TYPE_CHECKING:  # the teacher pass imports torch: loaded when the command runs, not for `drivekd --help`
+    import torch
+
+    from drivekd.data.collate import VLMCollator
+    from drivekd.signals.cache import CacheReport
+    from drivekd.signals.types import SignalNeeds
 
 DEFAULT_LAYERS = "tv:1,pen"
 FULL_LAYERS = "full:1-pen"
-DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DTYPES = ("float16", "float32")
 console = Console(stderr=True, soft_wrap=True)
 
 
@@ -41,6 +40,9 @@ def parse_layer_spec(spec: str, num_layers: int) -> SignalNeeds:
     paper numbering: a layer 1..N, ``pen`` (l_pen = N - 1) or an inclusive range such as ``1-pen``. Example:
     ``"tv:1,pen;full:1-pen"``.
     """
+    from drivekd.losses.groups import paper_layer_to_index, penultimate_layer
+    from drivekd.signals.types import SignalNeeds
+
     pen = penultimate_layer(num_layers)
 
     def error(why: str) -> ValueError:
@@ -112,8 +114,11 @@ def cache_teacher_cmd(
     shard_samples: Annotated[int, typer.Option("--shard-samples", help="Samples per shard file.")] = 256,
     padding_side: Annotated[str, typer.Option("--padding-side", help="left or right.")] = "right",
     device: Annotated[
-        str, typer.Option("--device", help="Where the teacher runs: cpu, cuda, cuda:1, ...")
-    ] = "cpu",
+        str | None,
+        typer.Option(
+            "--device", help="Where the teacher runs: cpu, cuda, cuda:1, ... (default: cuda if available)"
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing cache in --out.")
     ] = False,
@@ -127,6 +132,15 @@ def cache_teacher_cmd(
     ] = "text",
 ) -> None:
     """One teacher pass over --data, writing its attention signals to safetensors shards with an index."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from drivekd.data.collate import VLMCollator
+    from drivekd.devices import default_device
+    from drivekd.models.families import family_of
+    from drivekd.models.pair import load_spec
+    from drivekd.signals.cache import write_cache
+
     try:
         if (
             dtype not in DTYPES
@@ -143,14 +157,14 @@ def cache_teacher_cmd(
         if not samples:
             raise ValueError(f"{data} has no samples")
         model, processor = load_spec(teacher, role="teacher")
-        model.to(device)
+        model.to(device or default_device())
         family = family_of(model)
         spec = f"{layers};{FULL_LAYERS}" if full else layers
         needs = parse_layer_spec(spec, len(family.decoder_layers(model)))
         side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
         collator = VLMCollator(processor, family.image_token_id(model), image_root=root, padding_side=side)
         if needs.full_layers:
-            _warn_full_size(collator, samples, len(needs.full_layers), DTYPES[dtype])
+            _warn_full_size(collator, samples, len(needs.full_layers), getattr(torch, dtype))
         columns = (
             TextColumn("caching teacher signals"),
             BarColumn(),
@@ -167,7 +181,7 @@ def cache_teacher_cmd(
                 needs=needs,
                 batch_size=batch_size,
                 teacher_name=teacher,
-                dtype=DTYPES[dtype],
+                dtype=getattr(torch, dtype),
                 shard_samples=shard_samples,
                 overwrite=overwrite,
                 progress=lambda n: progress.advance(task, n),
