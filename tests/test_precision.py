@@ -24,7 +24,7 @@ from drivekd.gradients.autogram import GramianEngine, functional_forward
 from drivekd.gradients.replay import replay_outside_vmap
 from drivekd.losses import full_attention_mse, supervised_loss, text_to_vision_mse_blocks
 from drivekd.models.pair import build_tiny_pair
-from drivekd.training.checkpoint import MASTER_FILE, master_weights
+from drivekd.training.checkpoint import MASTER_FILE, master_weights, write_manifest
 from drivekd.training.config import ConfigError, load_config
 from drivekd.training.models import build_models
 from drivekd.training.precision import LowPrecisionWeightsError
@@ -272,6 +272,8 @@ def test_bf16_checkpoints_load_in_bf16_and_resume_restores_the_fp32_weights_exac
         shutil.copytree(tmp_path / "straight" / "checkpoint-2", out / "checkpoint-2")
         if without_master:
             (out / "checkpoint-2" / MASTER_FILE).unlink()
+            # Re-sealed: a checkpoint whose files differ from its manifest is refused as incomplete.
+            write_manifest(out / "checkpoint-2")
         trainer = Trainer(_config(data, out, *common, "run.resume=true"))
         assert trainer.train().steps == 4
         return trainer.models.student.state_dict()

@@ -78,6 +78,18 @@ def analyze_cmd(
         int, typer.Option("--dispersion-questions", help="Questions per image entering the dispersion pairs.")
     ] = 16,
     seed: Annotated[int, typer.Option("--seed", help="Seed of a tiny:<family> model.")] = 0,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-length", help="Tokens a sample may take (default: the model's max_position_embeddings)."
+        ),
+    ] = None,
+    overlong: Annotated[
+        str,
+        typer.Option(
+            "--overlong", help="refuse | skip (and list in metrics.json) samples over --max-length."
+        ),
+    ] = "refuse",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the results already in --out.")
     ] = False,
@@ -94,6 +106,8 @@ def analyze_cmd(
             temperatures=_temperatures(temperatures) if temperatures is not None else TEMPERATURES,
             bins=bins,
             dispersion_questions=dispersion_questions,
+            max_length=max_length,
+            overlong=overlong,  # type: ignore[arg-type]  # AnalysisOptions checks it
         )
         if role not in ROLES:
             raise ValueError(f"--role must be teacher or student, got {role!r}")
@@ -131,6 +145,13 @@ def analyze_cmd(
     except (DriveKDError, ValueError, OSError) as err:
         console.print(f"[red]error:[/red] {escape(str(err))}")
         raise typer.Exit(code=2) from None
+    for key in ("lengths", "general_lengths"):
+        skipped = metrics["data"].get(key, {}).get("overlong_skipped", [])
+        if skipped:
+            shown = ", ".join(f"{row['id']} ({row['tokens']} tokens)" for row in skipped[:10])
+            console.print(
+                f"[yellow]warning:[/yellow] skipped {len(skipped)} samples over --max-length: {escape(shown)}"
+            )
     _print_summary(metrics, written)
 
 

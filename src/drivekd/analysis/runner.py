@@ -4,7 +4,9 @@ One no-grad forward per batch gives the hidden states (``output_hidden_states=Tr
 every decoder layer (:class:`~drivekd.capture.recorder.AttentionRecorder`, full maps, no eager attention) and the
 logits that predict the answer tokens (teacher forcing: the collator appends the reference answer). Samples are
 processed image by image, and an image's per-question tensors are released as soon as its last question has
-been seen, so memory holds one batch plus the open images, never the data set.
+been seen, so memory holds one batch plus the open images, never the data set. Samples longer than
+``max_length`` tokens (default: the model's ``max_position_embeddings``) are refused, or skipped and listed in the
+report's ``data.lengths`` (:mod:`drivekd.data.lengths`).
 
 Layer numbering is the paper's: layer 0 is the embeddings and layer l the output of decoder layer l. transformers
 replaces ``hidden_states[N]`` with the final-normed output; here layer N is the raw output of the last decoder
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ from drivekd.analysis.dataset import ImageKey, PrestudySet, image_key
 from drivekd.analysis.metrics import AdjacentCosine, Dispersion, IntraConsistency, VisionTextCosine
 from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture_attention
 from drivekd.data.collate import Batch, VLMCollator
+from drivekd.data.lengths import LengthReport, Overlong, limit_lengths, model_limit
 from drivekd.data.schema import CAPABILITIES, Sample
 from drivekd.errors import DataError
 from drivekd.models.families import FamilyAdapter
@@ -47,10 +50,14 @@ class AnalysisOptions:
     dispersion_questions: int | None = 16  # per image; bounds the maps held at once (N L^2 floats each)
     folds: int = 4  # image folds for the standard error of the intra curves
     chunk_size: int = 256  # query chunk of the attention-map recomputation
+    max_length: int | None = None  # tokens a sample may take; default: the model's max_position_embeddings
+    overlong: Overlong = "refuse"  # a sample over max_length: an error, or skipped and listed
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.overlong not in ("refuse", "skip"):
+            raise ValueError(f"overlong must be refuse or skip, got {self.overlong!r}")
         _Metrics(1, self)  # the accumulators check their settings: bad options fail before a model is loaded
 
 
@@ -73,9 +80,15 @@ def analyze(
     layers = len(family.decoder_layers(model))
     metrics = _Metrics(layers, options)
     plan = CapturePlan.of(full=range(layers), chunk_size=options.chunk_size)
+    collate = _collator(processor, family, model, data)
+    limit = options.max_length or model_limit(family.text_config(model))
+    data, lengths = _within_limit(data, collate, limit, options)
+    if general is not None:
+        general, general_lengths = _within_limit(
+            general, _collator(processor, family, model, general), limit, options
+        )
     remaining = {key: len(group) for key, group in data.by_image()}
     ordered = [s for _, group in data.by_image() for s in group]
-    collate = _collator(processor, family, model, data)
     for done, chunk in _batches(ordered, options.batch_size):
         batch = _to_model(collate(chunk), model)
         keep, rows = _logit_rows(batch, data.file, chunk)
@@ -103,11 +116,35 @@ def analyze(
             model, processor, family, general, options.batch_size, metrics.confidence, progress
         )
     hidden_size = int(family.text_config(model).hidden_size)
+    summary = _data_summary(data, general) | {"lengths": lengths.as_json()}
+    if general is not None:
+        summary["general_lengths"] = general_lengths.as_json()
     return {
         "model": {"family": family.name, "num_layers": layers, "hidden_size": hidden_size},
-        "data": _data_summary(data, general),
+        "data": summary,
         **metrics.report(),
     }
+
+
+def _within_limit(
+    data: PrestudySet, collate: VLMCollator, limit: int | None, options: AnalysisOptions
+) -> tuple[PrestudySet, LengthReport]:
+    """``data`` without the samples over ``limit`` tokens (refused unless ``options.overlong`` is skip)."""
+    kept, report = limit_lengths(
+        data.samples,
+        collate.token_length,
+        limit,
+        options.overlong,
+        source=data.file,
+        setting="--max-length",
+        skip="--overlong skip",
+    )
+    if not kept:
+        raise DataError(
+            data.file, None, None, f"no sample is within {limit} tokens", hint="raise --max-length"
+        )
+    ids = {s.id for s in kept}
+    return replace(data, samples=kept, groups={k: v for k, v in data.groups.items() if k in ids}), report
 
 
 class _Metrics:

@@ -140,6 +140,10 @@ class VLMCollator:
         )
         return Batch(inputs, labels, roles, [s.id for s in samples], [s.capability for s in samples])
 
+    def token_length(self, sample: Sample) -> int:
+        """The tokens of ``sample`` as this collator builds it (images and, with ``with_answer``, the answer)."""
+        return len(self._encode(sample)["input_ids"])
+
     def _pad(self, row: torch.Tensor, pad: int, fill: int | bool) -> torch.Tensor:
         filler = torch.full((pad,), fill, dtype=row.dtype)
         return torch.cat([filler, row] if self.padding_side == "left" else [row, filler])

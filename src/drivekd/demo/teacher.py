@@ -192,7 +192,8 @@ def _percent(hits: Sequence[bool]) -> float | None:
 def per_question_type(
     samples: Sequence[Sample], predictions: Mapping[str, str | None], judged: Sequence[Mapping[str, Any]] = ()
 ) -> dict[str, dict[str, Any]]:
-    """Strict MCQ accuracy, yes/no accuracy (each with its count) and judge average per question type."""
+    """Strict MCQ accuracy, yes/no accuracy (each with its count) and judge average per question type (over the runs
+    that graded each sample; a sample no run graded is left out)."""
     mcq: dict[str, list[bool]] = defaultdict(list)
     yes_no: dict[str, list[bool]] = defaultdict(list)
     for s in samples:
@@ -204,7 +205,11 @@ def per_question_type(
     types = {s.id: s.meta["question_type"] for s in samples}
     judge: dict[str, list[float]] = defaultdict(list)
     for row in judged:
-        judge[types[row["id"]]].append(sum(row["scores"]) / len(row["scores"]))
+        graded = [
+            score for score in row["scores"] if score is not None
+        ]  # None: a failed grading, not a grade
+        if graded:
+            judge[types[row["id"]]].append(sum(graded) / len(graded))
     out = {}
     for qtype in sorted({s.meta["question_type"] for s in samples}):
         out[qtype] = {

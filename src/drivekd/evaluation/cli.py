@@ -106,6 +106,16 @@ def generate_cmd(
     dtype: Annotated[str, typer.Option(help="auto, bfloat16, float16 or float32.")] = "auto",
     backend: Annotated[str, typer.Option(help="hf, or vllm (GPU, needs the vllm package).")] = "hf",
     limit: Annotated[int | None, typer.Option(help="Only the first N samples.")] = None,
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-length",
+            help="Tokens of prompt plus --max-new-tokens a sample may take (default: the model's).",
+        ),
+    ] = None,
+    overlong: Annotated[
+        str, typer.Option("--overlong", help="refuse | skip (and list) samples over --max-length.")
+    ] = "refuse",
     no_progress: NoProgress = False,
 ) -> None:
     """Answer every sample with a model; predictions are appended as they come, so a rerun continues."""
@@ -118,6 +128,9 @@ def generate_cmd(
 
     if backend not in ("hf", "vllm"):
         raise _fail(ValueError(f"--backend must be hf or vllm, got {backend!r}"))
+    if overlong not in ("refuse", "skip"):
+        raise _fail(ValueError(f"--overlong must be refuse or skip, got {overlong!r}"))
+    lengths: dict[str, Any] = {"max_length": max_length, "overlong": overlong, "source": str(input_path)}
     try:
         _check_device_dtype(device, dtype, GENERATE_DTYPES, allow_auto=True)
         samples, root = load_samples(
@@ -134,6 +147,7 @@ def generate_cmd(
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
                     progress=not no_progress,
+                    **lengths,
                 )
             else:
                 hf_model, processor = load_model(model, device=device, dtype=dtype)
@@ -146,9 +160,16 @@ def generate_cmd(
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
                     progress=not no_progress,
+                    **lengths,
                 )
     except (DriveKDError, RuntimeError) as err:
         raise _fail(err) from None
+    if summary.overlong:
+        shown = ", ".join(f"{i} ({n} tokens)" for i, n in summary.overlong[:10])
+        console.print(
+            f"[yellow]warning:[/yellow] skipped {len(summary.overlong)} samples over --max-length "
+            f"{summary.max_length} (prompt + {max_new_tokens} new tokens): {escape(shown)}"
+        )
     console.print(
         f"wrote {summary.written} predictions to {out} ({summary.skipped} already there); "
         f"{summary.new_tokens} new tokens at {summary.tokens_per_second:.1f} tok/s"

@@ -4,7 +4,10 @@ Prompts follow the DriveBench convention already used for training: the Drive-KD
 camera in nuScenes order, each named by its camera, then the question with normalised object tags (see
 :func:`drivekd.data.collate.build_messages`). Batches are left-padded and decoded greedily with Hugging Face
 ``generate``; an optional vLLM back end serves the same prompts on a GPU. Records are written as they come, so a
-rerun continues where a crash stopped (:class:`~drivekd.evaluation.predictions.PredictionWriter`).
+rerun continues where a crash stopped (:class:`~drivekd.evaluation.predictions.PredictionWriter`). A sample whose
+prompt plus the tokens to generate exceeds ``max_length`` (default: the model's ``max_position_embeddings``) is
+refused before anything is generated, or skipped and named (:mod:`drivekd.data.lengths`). Images are opened inside
+the image root only and decoded with a pixel limit (:mod:`drivekd.data.images`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,10 @@ from transformers import AutoConfig, PreTrainedModel, ProcessorMixin
 
 from drivekd.data.cameras import CAMERAS
 from drivekd.data.collate import VLMCollator, build_messages
+from drivekd.data.images import ImageFileError, open_image
+from drivekd.data.lengths import Overlong, limit_lengths, model_limit
 from drivekd.data.schema import Sample
+from drivekd.errors import DataError
 from drivekd.evaluation.predictions import PredictionRecord, PredictionWriter
 from drivekd.evaluation.progress import progress_bar
 from drivekd.models.families import FamilyAdapter, family_of
@@ -31,12 +37,15 @@ from drivekd.models.pair import load_spec
 
 @dataclass
 class GenerationSummary:
-    """What one call wrote: ``skipped`` samples already had a prediction in the file."""
+    """What one call wrote: ``skipped`` samples already had a prediction in the file; ``overlong`` ones (id, tokens
+    with the tokens to generate) were over ``max_length`` and left out."""
 
     written: int = 0
     skipped: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    max_length: int | None = None
+    overlong: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -115,9 +124,31 @@ def _run(
     return summary
 
 
-def _todo(samples: Sequence[Sample], writer: PredictionWriter) -> tuple[list[Sample], GenerationSummary]:
+def _todo(
+    samples: Sequence[Sample],
+    writer: PredictionWriter,
+    collate: VLMCollator,
+    limit: int | None,
+    overlong: Overlong,
+    max_new_tokens: int,
+    source: str,
+) -> tuple[list[Sample], GenerationSummary]:
+    """The samples still to answer within ``limit`` tokens (prompt plus ``max_new_tokens``), and the summary so far."""
     todo = [s for s in samples if s.id not in writer.done]
-    return todo, GenerationSummary(skipped=len(samples) - len(todo))
+    summary = GenerationSummary(skipped=len(samples) - len(todo))
+    todo, lengths = limit_lengths(
+        todo,
+        collate.token_length,
+        limit,
+        overlong,
+        source=source,
+        setting="--max-length",
+        skip="--overlong skip",
+        extra=max_new_tokens,
+        extra_what="tokens to generate",
+    )
+    summary.max_length, summary.overlong = lengths.limit, lengths.skipped
+    return todo, summary
 
 
 def generate_hf(
@@ -130,16 +161,21 @@ def generate_hf(
     batch_size: int = 4,
     max_new_tokens: int = 256,
     progress: bool = True,
+    max_length: int | None = None,
+    overlong: Overlong = "refuse",
+    source: str = "<samples>",
 ) -> GenerationSummary:
-    """Greedy Hugging Face generation over the samples that ``writer`` does not have yet."""
-    todo, summary = _todo(samples, writer)
+    """Greedy Hugging Face generation over the samples that ``writer`` does not have yet.
+
+    ``max_length``: tokens of prompt plus ``max_new_tokens`` a sample may take (default: the model's limit);
+    ``overlong``: refuse such a sample (:class:`DataError` naming ``source`` and the row) or skip it.
+    """
+    family = family_of(model)
     collate = VLMCollator(
-        processor,
-        family_of(model).image_token_id(model),
-        image_root=image_root,
-        padding_side="left",
-        with_answer=False,
+        processor, family.image_token_id(model), image_root=image_root, padding_side="left", with_answer=False
     )
+    limit = max_length or model_limit(family.text_config(model))
+    todo, summary = _todo(samples, writer, collate, limit, overlong, max_new_tokens, source)
     tokenizer = processor.tokenizer
     eos_ids = eos_token_ids(model)
     device, dtype = model.device, model.dtype
@@ -163,11 +199,17 @@ def generate_hf(
 
 
 def load_images(sample: Sample, root: Path) -> list[Image.Image]:
-    """The sample's images as RGB, cameras in nuScenes order (the order the prompt names them); none if text-only."""
+    """The sample's images as RGB, cameras in nuScenes order (the order the prompt names them); none if text-only.
+
+    Paths must stay inside ``root``; images are decoded with a pixel limit."""
     images = []
-    for image in sample.shown_images:
-        with Image.open(image.resolve(root)) as opened:
-            images.append(opened.convert("RGB"))
+    for index, image in enumerate(sample.shown_images):
+        try:
+            images.append(open_image(image.resolve(root)))
+        except ImageFileError as err:
+            raise DataError(
+                str(root / image.path), sample.id, f"images.{index}.path", f"cannot read image: {err}"
+            ) from None
     return images
 
 
@@ -188,16 +230,24 @@ def generate_vllm(
     batch_size: int = 32,
     max_new_tokens: int = 256,
     progress: bool = True,
+    max_length: int | None = None,
+    overlong: Overlong = "refuse",
+    source: str = "<samples>",
     **llm_kwargs: Any,
 ) -> GenerationSummary:
-    """Greedy vLLM generation with the same prompts (GPU only; untested on the CPU-only project machine)."""
+    """Greedy vLLM generation with the same prompts (GPU only; untested on the CPU-only project machine); lengths
+    are limited as in :func:`generate_hf`."""
     if not vllm_available():
         raise RuntimeError("the vLLM back end needs the vllm package (pip install vllm) and a GPU")
     from vllm import LLM, SamplingParams
 
-    todo, summary = _todo(samples, writer)
     root = Path(image_root)
-    processor = checkpoint_family(model_path).load_processor(model_path)
+    config = AutoConfig.from_pretrained(model_path)
+    family = family_of(config)
+    processor = family.load_processor(model_path)
+    collate = VLMCollator(processor, int(config.image_token_id), image_root=root, with_answer=False)
+    limit = max_length or model_limit(config.get_text_config())
+    todo, summary = _todo(samples, writer, collate, limit, overlong, max_new_tokens, source)
     llm = LLM(model=str(model_path), limit_mm_per_prompt={"image": len(CAMERAS)}, **llm_kwargs)
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
 

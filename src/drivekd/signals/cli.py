@@ -130,12 +130,22 @@ def cache_teacher_cmd(
             "'non_image' (every non-vision token, distill.normalisation=reference).",
         ),
     ] = "text",
+    max_length: Annotated[
+        int | None,
+        typer.Option(
+            "--max-length", help="Tokens a sample may take (default: the teacher's max_position_embeddings)."
+        ),
+    ] = None,
+    overlong: Annotated[
+        str, typer.Option("--overlong", help="refuse | skip (and list) samples over --max-length.")
+    ] = "refuse",
 ) -> None:
     """One teacher pass over --data, writing its attention signals to safetensors shards with an index."""
     import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from drivekd.data.collate import VLMCollator
+    from drivekd.data.lengths import limit_lengths, model_limit
     from drivekd.devices import default_device
     from drivekd.models.families import family_of
     from drivekd.models.pair import load_spec
@@ -146,10 +156,11 @@ def cache_teacher_cmd(
             dtype not in DTYPES
             or padding_side not in ("left", "right")
             or tv_rows not in ("text", "non_image")
+            or overlong not in ("refuse", "skip")
         ):
             raise ValueError(
-                f"--dtype must be float16|float32, --padding-side left|right and --tv-rows text|non_image, got "
-                f"{dtype}, {padding_side}, {tv_rows}"
+                f"--dtype must be float16|float32, --padding-side left|right, --tv-rows text|non_image and "
+                f"--overlong refuse|skip, got {dtype}, {padding_side}, {tv_rows}, {overlong}"
             )
         root = image_root if image_root is not None else data.parent
         # Read first, so bad data is refused before the teacher loads.
@@ -163,6 +174,19 @@ def cache_teacher_cmd(
         needs = parse_layer_spec(spec, len(family.decoder_layers(model)))
         side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
         collator = VLMCollator(processor, family.image_token_id(model), image_root=root, padding_side=side)
+        samples, lengths = limit_lengths(
+            samples,
+            collator.token_length,
+            max_length or model_limit(family.text_config(model)),
+            "skip" if overlong == "skip" else "refuse",
+            source=str(data),
+            setting="--max-length",
+            skip="--overlong skip",
+        )
+        if lengths.summary():
+            console.print(f"[yellow]warning:[/yellow] {escape(lengths.summary() or '')} (not cached)")
+        if not samples:
+            raise ValueError(f"no sample of {data} is within {lengths.limit} tokens (--max-length)")
         if needs.full_layers:
             _warn_full_size(collator, samples, len(needs.full_layers), getattr(torch, dtype))
         columns = (

@@ -24,6 +24,7 @@ import json
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -304,7 +305,8 @@ def migrate(checkpoint: Path) -> None:
     if not old.is_file():
         raise CheckpointError(f"{checkpoint} has no {OLD_STATE_FILE} to migrate")
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with warnings.catch_warnings(), torch.serialization.safe_globals(_numpy_globals()):
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before it refuses them
             state = torch.load(old, map_location="cpu", weights_only=True)
     except Exception as err:  # the unpickler's and the zip reader's errors alike: the file is not usable
         raise CheckpointError(

@@ -61,6 +61,11 @@ class DataConfig(_Section):
     sampler: Literal["mixed", "per_capability"] = "mixed"
     micro_batch: int = Field(1, ge=1)  # samples per micro-step (mixed) or per capability (per_capability)
     capabilities: list[Capability] | None = None  # default: the recipe's
+    allow_outside_root: bool = False  # open image paths outside image_root (absolute, ../) too
+    # Token limit of a sample (question, images and answer); default: the student's max_position_embeddings.
+    max_length: int | None = Field(None, ge=1)
+    # A sample over max_length: an error, or skipped and listed.
+    overlong: Literal["refuse", "skip"] = "refuse"
 
 
 class RoleLayers(_Section):
@@ -170,7 +175,9 @@ class RunConfig(_Section):
     save_every: int = Field(50, ge=1)  # optimizer steps between checkpoints
     keep_checkpoints: int = 2
     max_nonfinite_streak: int = 5
-    resume: bool = True  # continue from the newest checkpoint in output_dir when there is one
+    # true: continue from the newest checkpoint in output_dir (refused when it is corrupt or incomplete);
+    # latest_valid: from the newest valid one, naming those skipped; false: start afresh (refused over checkpoints)
+    resume: bool | Literal["latest_valid"] = True
     tensorboard: bool = True
     fsdp: bool = False  # shard the student over the processes (FSDP2); otherwise replicate it (DDP)
 
@@ -287,7 +294,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}") from None
         raise ConfigError(f"config key '{key or '<root>'}': {message}") from None
-
-
-def dump_config(config: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

@@ -2,7 +2,8 @@
 
 ``"tiny"`` builds an offline tiny pair of the configured family (tests, demo); anything else is a hub id or a
 folder loaded with ``from_pretrained``. Teachers are live models (one shared by all capabilities, or one per
-capability) or a teacher-signal cache; live teachers must tokenise like the student (checked).
+capability) or a teacher-signal cache. Every model must be of ``model.family`` (checked from its config before any
+weights load); that teachers tokenise like the student is the trainer's check (:meth:`Trainer.check_layouts`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
 
-from drivekd.models.families import FamilyAdapter, get_family
+from drivekd.errors import ModelSourceError
+from drivekd.models.families import FamilyAdapter, check_model_source, get_family
 from drivekd.models.pair import ModelPair, build_tiny_pair
 from drivekd.signals.live import LiveTeacher
 from drivekd.signals.types import TeacherSource
@@ -29,6 +31,7 @@ class Models:
     teacher_depth: int | None = None
     teacher_width: int | None = None
     teacher_models: list[PreTrainedModel] = field(default_factory=list)
+    teacher_processors: list[ProcessorMixin] = field(default_factory=list)  # teacher_models' processors
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -52,8 +55,30 @@ def _load(
     return family.load(name, dtype=_dtype(dtype or config.model.dtype))
 
 
+def check_families(config: TrainConfig) -> None:
+    """Refuse a student or teacher whose saved config is of another family than ``model.family`` (read without
+    loading weights): models of different families tokenise differently and cannot be distilled into each other."""
+    family = get_family(config.model.family)
+    model = config.model
+    names = {"model.student": model.student}
+    if model.cache is None:
+        names |= {"model.teacher": model.teacher} if model.teachers is None else {}
+        names |= {f"model.teachers.{k}": v for k, v in (model.teachers or {}).items()}
+    for key, name in names.items():
+        if not name or name == "tiny":
+            continue
+        model_type = getattr(check_model_source(name), "model_type", None)
+        if model_type not in family.model_types:
+            raise ModelSourceError(
+                f"{key}={name} is a {model_type} model but model.family={family.name}: teacher and student must be "
+                f"of one family (one tokenizer and token layout), so give a {family.name} model or set model.family "
+                "and every model to the other family"
+            )
+
+
 def build_models(config: TrainConfig, device: torch.device | str | None = None) -> Models:
     family = get_family(config.model.family)
+    check_families(config)
     tiny = (
         build_tiny_pair(config.model.family, seed=config.run.seed) if config.model.student == "tiny" else None
     )
@@ -100,11 +125,12 @@ def build_models(config: TrainConfig, device: torch.device | str | None = None) 
     for name in names:
         path = paths["reasoning"] if name == "base" else paths[name]
         if path not in loaded:
-            model, _ = _load(family, path, config, tiny, "teacher")
+            model, teacher_processor = _load(family, path, config, tiny, "teacher")
             dtype = _dtype(config.model.teacher_dtype or config.model.dtype)
             model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
             loaded[path] = LiveTeacher(model)
             models.teacher_models.append(model)
+            models.teacher_processors.append(teacher_processor)
         models.sources[name] = loaded[path]
     depths = {len(family.decoder_layers(m)) for m in models.teacher_models}
     if len(depths) > 1:

@@ -29,12 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.tensor import DTensor
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from drivekd.capture.recorder import AttentionRecorder, use_capture_attention
 from drivekd.data.collate import Batch, VLMCollator
+from drivekd.data.lengths import LengthReport, limit_lengths, model_limit
 from drivekd.data.roles import TVIndex
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.errors import DriveKDError
@@ -57,8 +60,10 @@ from drivekd.models.families import FamilyAdapter
 from drivekd.signals.types import TeacherSignals
 from drivekd.training import checkpoint as ckpt
 from drivekd.training import distributed as dist
+from drivekd.training import record as run_record
 from drivekd.training import sharding
-from drivekd.training.config import TrainConfig, dump_config
+from drivekd.training.checks import check_layouts
+from drivekd.training.config import TrainConfig
 from drivekd.training.models import Models, build_models
 from drivekd.training.objective import Objective, TermValue
 from drivekd.training.precision import refuse_low_precision_weights
@@ -66,6 +71,8 @@ from drivekd.training.recipes import Recipe, build_recipe, hidden_pairs, resolve
 from drivekd.training.sampling import CapabilitySampler, MixedSampler
 from drivekd.training.scaling import LossScale
 from drivekd.training.terms import logit_positions
+
+console = Console(stderr=True, soft_wrap=True)
 
 
 class TrainingError(DriveKDError):
@@ -103,6 +110,7 @@ class TrainResult:
     output_dir: Path
     checkpoint: Path | None
     log: list[dict[str, Any]] = field(default_factory=list)
+    lengths: LengthReport | None = None  # the token limit applied and the overlong rows skipped
 
 
 class Trainer:
@@ -111,6 +119,11 @@ class Trainer:
     ) -> None:
         self.config = config
         self.output_dir = Path(config.run.output_dir)
+        # Before anything loads: another run in output_dir, and which checkpoint (if any) is resumed.
+        self.record_changes = run_record.check_output_dir(config)
+        self.resume_from, skipped = ckpt.resume_point(self.output_dir, config.run.resume)
+        for checkpoint, why in skipped:
+            console.print(f"[yellow]warning:[/yellow] skipping {escape(str(checkpoint))}: {escape(why)}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.run.seed)
         self.models = models or build_models(config)
@@ -119,14 +132,18 @@ class Trainer:
         self.rank, self.world = dist.rank_and_world()
         self._build_objective()
         self._prepare_student()
-        self.samples = list(samples) if samples is not None else self._read_data()
-        self.sampler = self._sampler()
         self.collate = VLMCollator(
             self.models.processor,
             self.family.image_token_id(self.models.student),
             image_root=self.config.data.image_root or str(Path(config.data.train).parent),
             padding_side=config.data.padding_side,
+            allow_outside_root=config.data.allow_outside_root,
         )
+        self.samples, self.lengths = self._limit_lengths(
+            list(samples) if samples is not None else self._read_data()
+        )
+        check_layouts(self.models, self.samples, self.collate)
+        self.sampler = self._sampler()
         self._build_optimisation()
         self.engine = self._engine()
         self.permutations = torch.Generator().manual_seed(config.run.seed)
@@ -251,12 +268,34 @@ class Trainer:
             raise TrainingError(
                 "data.train is empty: give a Drive-KD JSONL file (drivekd data synth/import-...)"
             )
-        root = Path(self.config.data.image_root) if self.config.data.image_root else None
-        return [
-            s
-            for s in read_jsonl(self.config.data.train, image_root=root)
-            if s.capability in self.config.capabilities
-        ]
+        data = self.config.data
+        root = Path(data.image_root) if data.image_root else None
+        samples = read_jsonl(data.train, image_root=root, allow_outside_root=data.allow_outside_root)
+        return [s for s in samples if s.capability in self.config.capabilities]
+
+    def _limit_lengths(self, samples: list[Sample]) -> tuple[list[Sample], LengthReport]:
+        """The samples within ``data.max_length`` tokens (default: the shortest context of student and teachers);
+        the others refused or, with ``data.overlong=skip``, left out and named."""
+        data = self.config.data
+        models = [self.models.student, *self.models.teacher_models]
+        limits = [n for n in (model_limit(self.family.text_config(m)) for m in models) if n is not None]
+        limit = data.max_length or min(limits, default=None)
+        kept, report = limit_lengths(
+            samples,
+            self.collate.token_length,
+            limit,
+            data.overlong,
+            source=data.train or "<samples>",
+            setting="data.max_length",
+            skip="data.overlong=skip",
+        )
+        if report.summary():
+            console.print(f"[yellow]warning:[/yellow] {escape(report.summary() or '')} (data.overlong=skip)")
+        if not kept:
+            raise TrainingError(
+                f"no sample of {data.train or '<samples>'} is within {limit} tokens (data.max_length)"
+            )
+        return kept, report
 
     # ---- one micro-step -------------------------------------------------------------------------------------
     def index_of(self, batch: Batch) -> TVIndex:
@@ -470,7 +509,8 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------------------
     def train(self) -> TrainResult:
         self._maybe_resume()
-        dump_config(self.config, self.output_dir / "config.yaml")
+        if self.rank == 0:
+            run_record.write_record(self.config, self.record_changes, self.step)
         writer = self._tensorboard()
         log: list[dict[str, Any]] = []
         last = None
@@ -494,7 +534,7 @@ class Trainer:
                     last = self._save()
         if writer is not None:
             writer.close()
-        return TrainResult(self.step, self.skipped, self.output_dir, last, log)
+        return TrainResult(self.step, self.skipped, self.output_dir, last, log, self.lengths)
 
     def current_weights(self) -> dict[str, float]:
         """The loss weights of the next step (the reweighting's, or 1)."""
@@ -640,15 +680,18 @@ class Trainer:
                 self.config.run.keep_checkpoints,
                 weights,
                 ckpt.resolve_save_dtype(model.save_dtype, model.student, model.dtype),
+                config_text=run_record.config_text(self.config),
             )
         dist.barrier()
         return path
 
     def _maybe_resume(self) -> None:
-        found = ckpt.list_checkpoints(self.output_dir) if self.config.run.resume else []
-        if not found:
+        """Restore everything from the checkpoint chosen at construction (checked against its manifest then)."""
+        latest = self.resume_from
+        if latest is None:
             return
-        latest = found[-1]
+        if self.rank == 0:
+            console.print(f"resuming from {latest.name}")
         state = ckpt.load_state(latest)
         if self.sharded:
             weights = {f"student.{k}": v for k, v in ckpt.saved_weights(self.models.student, latest).items()}
