@@ -329,7 +329,8 @@ def _unpickler_reason(err: Exception) -> str:
     """The line of torch's weights-only error that says what was refused (it wraps it in advice to disable it)."""
     paragraphs = [p.strip() for p in str(err).split("\n\n") if p.strip()]
     middle = [p for p in paragraphs[1:] if not p.startswith("Check the documentation")] or paragraphs[:1]
-    return " ".join(p.split("WeightsUnpickler error:")[-1].strip() for p in middle) or type(err).__name__
+    reason = " ".join(p.split("WeightsUnpickler error:")[-1].strip() for p in middle)
+    return reason.rstrip(".") or type(err).__name__
 
 
 def load_student_weights(student: torch.nn.Module, checkpoint: Path) -> None:

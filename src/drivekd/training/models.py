@@ -70,7 +70,7 @@ def check_families(config: TrainConfig) -> None:
         model_type = getattr(check_model_source(name), "model_type", None)
         if model_type not in family.model_types:
             raise ModelSourceError(
-                f"{key}={name} is a {model_type} model but model.family={family.name}: teacher and student must be "
+                f"{key}={name} is of model type {model_type} but model.family={family.name}: teacher and student must be "
                 f"of one family (one tokenizer and token layout), so give a {family.name} model or set model.family "
                 "and every model to the other family"
             )
