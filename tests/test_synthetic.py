@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from drivekd.data.cameras import CAMERA_LABELS, CAMERAS
+from drivekd.data.cameras import CAMERAS
 from drivekd.data.schema import CAPABILITIES, Sample, read_jsonl
 from drivekd.data.synthetic import QUESTION_TYPES, generate_dataset, generate_split
 from drivekd.data.synthetic.questions import GENERAL_TYPES, GROUP_ACTION, STATIONARY
@@ -142,9 +142,7 @@ def test_answers_are_balanced(driving: tuple[Path, list[Sample]]) -> None:
     letters = Counter(r.answer for r in rows if r.kind == "mcq")
     total = sum(letters.values())
     assert set(letters) == {"A", "B", "C", "D"}
-    # Options keep each question type's canonical order, so letters follow the answers' frequencies: no letter
-    # may carry a strong prior.
-    assert all(0.12 < n / total < 0.36 for n in letters.values()), letters
+    assert all(0.2 < n / total < 0.3 for n in letters.values()), letters
     yes_no = Counter(r.answer for r in rows if r.kind == "yes/no")
     assert all(0.35 < yes_no[a] / yes_no.total() < 0.65 for a in ("Yes.", "No.")), yes_no
     behaviour = [r.meta["gt"] for r in rows if r.meta["question_type"] == "ego_behavior"]
@@ -185,22 +183,23 @@ def test_dataset_splits_single_view_and_jpeg(tmp_path: Path) -> None:
     assert {r.meta["views"] for s in summaries.values() for r in read_jsonl(s.path)} == {"single"}
 
 
-def test_options_keep_the_canonical_order(driving: tuple[Path, list[Sample]]) -> None:
+def test_no_letter_prior_in_any_question_type(driving: tuple[Path, list[Sample]]) -> None:
+    """Options are shuffled: in every question type each letter is right about a quarter of the time, so a model
+    that ignores the images cannot beat chance by the letter or the options' order."""
     _, rows = driving
-    vehicles = ["Going ahead.", "Turn left.", "Turn right.", "Stopped."]
-    cameras = [f"The {CAMERA_LABELS[c].replace('-', ' ')} camera." for c in CAMERAS]
-    seen = 0
+    by_type: dict[str, Counter[str]] = {}
     for r in rows:
-        if r.kind != "mcq" or r.options is None:
-            continue
-        texts = list(r.options.values())
-        if (
-            r.meta["question_type"] == "moving_status"
-            and r.meta["gt"]["objects"][0]["category"] != "pedestrian"
-        ):
-            assert texts == vehicles
-            seen += 1
-        elif r.meta["question_type"] == "multi_view_object_extraction" and texts[0] in cameras:
-            assert texts == sorted(texts, key=cameras.index)
-            seen += 1
-    assert seen > 20
+        if r.kind == "mcq":
+            assert r.options is not None and set(r.options) == {"A", "B", "C", "D"}
+            by_type.setdefault(r.meta["question_type"], Counter())[r.answer] += 1
+    assert len(by_type) == 6, by_type
+    for qtype, letters in by_type.items():
+        assert letters.total() >= 60, (qtype, letters)
+        assert all(0.1 < letters[k] / letters.total() < 0.4 for k in "ABCD"), (qtype, letters)
+    vehicles = [
+        r.options
+        for r in rows
+        if r.meta["question_type"] == "moving_status"
+        and r.meta["gt"]["objects"][0]["category"] != "pedestrian"
+    ]
+    assert len({tuple(o.values()) for o in vehicles}) > 6  # the same four motions, in many orders

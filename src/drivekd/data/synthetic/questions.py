@@ -96,7 +96,7 @@ MOTION_CUES = {
     "standing still": "no marker is above it, so it is standing still",
     "walking along the road": "a green arrow above it points along the road, so it is walking along the road",
 }
-MOTION_OPTIONS = {  # options in this order; a never-true first option moves pedestrian answers off vehicles' A
+MOTION_OPTIONS = {  # every motion of the road user's kind (a pedestrian's fourth option is never true)
     "vehicle": VEHICLE_MOTIONS,
     "pedestrian": ("riding a bicycle", *PEDESTRIAN_MOTIONS),
 }
@@ -139,17 +139,11 @@ class QA:
 
 
 # --- helpers for building questions ---
-def _options(
-    rng: random.Random, correct: str, distractors: Sequence[str], order: Sequence[str] | None = None
-) -> tuple[dict[str, str], str]:
-    """Lettered options and the correct letter. With ``order`` (the question type's canonical list of option
-    texts) the options keep that order, so a letter means the same thing wherever it can; otherwise shuffled."""
+def _options(rng: random.Random, correct: str, distractors: Sequence[str]) -> tuple[dict[str, str], str]:
+    """Lettered options in a random order and the correct letter: every letter is equally likely to be right,
+    so neither the letter nor the options' order tells the answer without the images."""
     texts = [correct, *distractors]
-    if order is None:
-        rng.shuffle(texts)
-    else:
-        rank = {text: k for k, text in enumerate(order)}
-        texts.sort(key=lambda t: (rank.get(t, len(rank)), t))
+    rng.shuffle(texts)
     options = dict(zip(OPTION_LETTERS, texts, strict=False))
     return options, next(k for k, v in options.items() if v == correct)
 
@@ -272,10 +266,7 @@ class _Asker:
         family = "pedestrian" if obj.category == "pedestrian" else "vehicle"
         texts = {m: _sentence(m) for m in MOTION_OPTIONS[family]}
         options, letter = _options(
-            self.rng,
-            texts[obj.motion],
-            [t for m, t in texts.items() if m != obj.motion],
-            list(texts.values()),
+            self.rng, texts[obj.motion], [t for m, t in texts.items() if m != obj.motion]
         )
         question = _with_options("What is the moving status of object {0}?", options)
         rationale = f"{self._locate(obj)}. {_sentence(MOTION_CUES[obj.motion])}"
@@ -316,7 +307,7 @@ class _Asker:
         if kind == "mcq":
             wrong = _similar_descriptions(self.rng, obj)
             options, letter = _options(
-                self.rng, _sentence(article(desc)), [_sentence(article(w)) for w in wrong], _DESCRIPTION_ORDER
+                self.rng, _sentence(article(desc)), [_sentence(article(w)) for w in wrong]
             )
             question = _with_options("What is the object {0}?", options)
             return self._qa(
@@ -384,9 +375,7 @@ class _Asker:
             cam = self.views.camera(obj.id)
             others = self.rng.sample([c for c in CAMERAS if c not in shown], 3)
             label = {c: f"The {_view_label(c)} camera." for c in CAMERAS}
-            options, letter = _options(
-                self.rng, label[cam], [label[c] for c in others], [label[c] for c in CAMERAS]
-            )
+            options, letter = _options(self.rng, label[cam], [label[c] for c in others])
             question = _with_options(f"In which camera view is the {describe(obj)} visible?", options)
             rationale = f"{self._locate(obj, 'the target')}; it appears in no other listed view."
             return self._qa(
@@ -403,10 +392,7 @@ class _Asker:
         absent = [d for d in (_describe(*p) for p in _description_pool()) if d not in present]
         wrong = self.rng.sample(absent, 3)
         options, letter = _options(
-            self.rng,
-            _sentence(article(describe(obj))),
-            [_sentence(article(w)) for w in wrong],
-            _DESCRIPTION_ORDER,
+            self.rng, _sentence(article(describe(obj))), [_sentence(article(w)) for w in wrong]
         )
         where_seen = "front view" if self.views.kind == "single" else "surround views"
         question = _with_options(f"Which of the following objects can be seen in the {where_seen}?", options)
@@ -513,12 +499,7 @@ class _Asker:
         def text(steer: str, speed: str) -> str:
             return f"The ego vehicle is {steer}. The ego vehicle is {speed}."
 
-        options, letter = _options(
-            self.rng,
-            text(ego.steer, ego.speed),
-            [text(*c) for c in wrong],
-            [text(s, v) for s in STEERS for v in SPEEDS],
-        )
+        options, letter = _options(self.rng, text(ego.steer, ego.speed), [text(*c) for c in wrong])
         question = _with_options("Predict the behavior of the ego vehicle.", options)
         rationale = (
             f"{_cap(STEER_CUES[ego.steer])}, so the ego vehicle is {ego.steer}; {SPEED_CUES[ego.speed]}, so "
@@ -567,7 +548,7 @@ class _Asker:
         main = [a for a in pool if a in GROUP_ACTION.values() or a == STATIONARY]
         wrong = self.rng.sample(main, min(2, len(main)))
         wrong += self.rng.sample([a for a in pool if a not in wrong], 3 - len(wrong))
-        options, letter = _options(self.rng, _sentence(action), [_sentence(a) for a in wrong], _ACTION_ORDER)
+        options, letter = _options(self.rng, _sentence(action), [_sentence(a) for a in wrong])
         question = _with_options("Based on {0}, what should the ego vehicle do?", options)
         return self._qa(
             "rationale_grounded_planning",
@@ -619,7 +600,7 @@ class _Asker:
         if hits and self.rng.random() < 0.5:
             hit = self.rng.choice(hits)
             options, letter = _options(
-                self.rng, _sentence(hit), [_sentence(a) for a in self.rng.sample(harmless, 3)], _ACTION_ORDER
+                self.rng, _sentence(hit), [_sentence(a) for a in self.rng.sample(harmless, 3)]
             )
             question = _with_options("Which action could lead to a collision with {0}?", options)
             return self._qa(
@@ -661,13 +642,6 @@ def _description_pool() -> list[tuple[str, str]]:
     people = [(p, c) for p in ("pedestrian", "cyclist") for c in CLOTHES_COLOURS]
     signals = [("traffic light", s) for s in LIGHT_STATES]
     return [*vehicles, *people, *signals, ("stop sign", "red")]
-
-
-_DESCRIPTION_ORDER = [_sentence(article(_describe(*p))) for p in _description_pool()]
-# Main actions interleaved with the rest, so that the right answer (usually a main action) is not always first.
-_ACTION_ORDER = [_sentence(a) for pair in zip(ACTIONS[5:], ACTIONS[:5], strict=False) for a in pair] + [
-    _sentence(a) for a in ACTIONS[10:]
-]
 
 
 def _similar_descriptions(rng: random.Random, obj: SceneObject) -> list[str]:
