@@ -5,8 +5,10 @@ tiny teacher of the demo's family (SFT on a large synthetic train split, same ge
 on its own acceptance split (a data seed used for nothing else) with the demo's evaluation, once with the images
 and once with every image replaced by a flat grey one (it must be looking at the pictures), and writes the
 checkpoint (half-precision safetensors, config, processor) with a ``MANIFEST.json`` recording the exact command,
-seeds, data, training settings, wall time, commit, versions and the measured scores. The demo finds the shipped
-copy with :mod:`importlib.resources`; ``--teacher DIR`` uses another one.
+seeds, data, training settings, wall time, commit, versions and the measured scores. Training checkpoints every
+``checkpoint_every`` steps under the work folder, so a run killed part-way resumes there (with the training time
+already spent counted against the budget). The demo finds the shipped copy with :mod:`importlib.resources`;
+``--teacher DIR`` uses another one.
 """
 
 from __future__ import annotations
@@ -68,26 +70,27 @@ class TeacherRecipe:
     seed: int = 0  # model initialisation and sampling order
     # The demo's data seed: the demo's train split is a prefix of this one, its test split unseen.
     data_seed: int = 0
-    train_scenes: int = 500
+    train_scenes: int = 1000
     # The teacher's own acceptance split: split name and seed used for nothing else (not the demo's test split).
     acceptance_seed: int = 15
     acceptance_scenes: int = 70
     image_size: tuple[int, int] = (224, 112)
     # Decoder: head_dim 16 like the tiny pair; the vision tower is wider than the student's.
     hidden: int = 128
-    layers: int = 4
+    layers: int = 6
     heads: int = 8
     kv_heads: int = 2
     intermediate: int = 384
     vision_hidden: int = 64
     vision_depth: int = 2
     vision_heads: int = 2
-    steps: int = 2800
-    # Stop early (keeping that step's checkpoint) past this wall time; None: never.
-    train_minutes: float | None = 63.0
-    lr: float = 2.5e-3
+    steps: int = 2400
+    # Stop early (keeping that step's checkpoint) past this much training time, summed over resumed runs; None: never.
+    train_minutes: float | None = 110.0
+    checkpoint_every: int = 100  # a killed run resumes from the last of these
+    lr: float = 2e-3
     warmup_ratio: float = 0.05
-    micro_batch: int = 4
+    micro_batch: int = 8
     grad_accum: int = 1
     threads: int = 1
     max_new_tokens: int = 64
@@ -146,33 +149,48 @@ def check_teacher(
 
 
 class _BudgetedTrainer(Trainer):
-    """The training loop, ending (with its final checkpoint) at the first step past a wall-time budget."""
+    """The training loop, ending (with its final checkpoint) at the first step past a training-time budget; the
+    steps of a resumed run count with the seconds its log recorded (every step is logged)."""
 
-    def __init__(self, *args: Any, deadline: float | None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, budget_seconds: float | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.deadline = deadline
+        self.budget_seconds = budget_seconds
+        self.spent: float | None = None  # read from the log at the first step, after any resume trimmed it
+
+    def logged_seconds(self) -> float:
+        """Training seconds of the steps in the log (every run's, up to the resumed checkpoint)."""
+        lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+        return sum(json.loads(line).get("seconds", 0.0) for line in lines if line.strip())
 
     def train_step(self) -> dict[str, Any]:
+        if self.spent is None:
+            self.spent = self.logged_seconds()
         record = super().train_step()
-        if self.deadline is not None and time.perf_counter() > self.deadline:
+        self.spent += record["seconds"]
+        if self.budget_seconds is not None and self.spent > self.budget_seconds:
             self.total_steps = self.step  # the loop saves this step's checkpoint and stops
         return record
 
 
 def _train(
     recipe: TeacherRecipe, train: Path, output_dir: Path
-) -> tuple[PreTrainedModel, ProcessorMixin, Path, int]:
-    """SFT of the teacher with the training loop (passed as the trained model); returns the model, its
-    processor, the final checkpoint and the steps done."""
+) -> tuple[PreTrainedModel, ProcessorMixin, Path, int, float]:
+    """SFT of the teacher with the training loop (passed as the trained model), resuming from the newest
+    checkpoint in ``output_dir``; returns the model, its processor, the final checkpoint, the steps done and the
+    training seconds (over every resumed run)."""
     pair = build_tiny_pair(recipe.family, teacher=recipe.size, image_size=recipe.image_size, seed=recipe.seed)
     overrides = run_overrides(recipe, recipe="sft", train=train, seed=recipe.seed, output_dir=output_dir)
-    config = load_config(None, [*overrides, "run.log_every=10"])
-    deadline = None if recipe.train_minutes is None else time.perf_counter() + 60 * recipe.train_minutes
+    checkpoints = [f"run.save_every={recipe.checkpoint_every}", "run.log_every=1", "run.resume=true"]
+    config = load_config(None, [*overrides, *checkpoints])
+    budget = None if recipe.train_minutes is None else 60 * recipe.train_minutes
     models = Models(pair.family, pair.teacher.train(), pair.teacher_processor)
-    result = _BudgetedTrainer(config, models=models, deadline=deadline).train()
-    if result.checkpoint is None:
+    trainer = _BudgetedTrainer(config, models=models, budget_seconds=budget)
+    result = trainer.train()
+    checkpoint = result.checkpoint or trainer.resume_from  # a rerun of a finished run trains no step
+    if checkpoint is None:
         raise WorkspaceError(f"the teacher's training in {output_dir} wrote no checkpoint")
-    return pair.teacher, pair.teacher_processor, Path(result.checkpoint), result.steps
+    spent = trainer.logged_seconds() if trainer.spent is None else trainer.spent
+    return pair.teacher, pair.teacher_processor, Path(checkpoint), result.steps, spent
 
 
 def blank_images(samples: Sequence[Sample], image_root: Path, out: Path) -> Path:
@@ -310,7 +328,8 @@ def _commit() -> str | None:
 
 
 def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) -> dict[str, Any]:
-    """Train, measure and write the teacher to ``out`` (which must not exist or be empty); returns the manifest."""
+    """Train, measure and write the teacher to ``out`` (which must not exist or be empty); returns the manifest.
+    Rerun with the same ``work`` folder to resume an interrupted training run."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise WorkspaceError(f"{out} exists and is not an empty folder; remove it or choose another --out")
     torch.set_num_threads(recipe.threads)
@@ -327,8 +346,7 @@ def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) 
         image_size=recipe.image_size,
         split="acceptance",
     )
-    model, processor, checkpoint, steps = _train(recipe, train.path, work / "train")
-    trained = time.perf_counter() - started
+    model, processor, checkpoint, steps, trained = _train(recipe, train.path, work / "train")
     model = model.eval()
     samples = list(read_jsonl(accept.path))
     scores = measure(
@@ -373,7 +391,7 @@ def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) 
         "test_scores": scores,
         "acceptance": acceptance(scores),
         "train_seconds": round(trained, 1),
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds_last_run": round(time.perf_counter() - started, 1),
         "device": f"CPU, {recipe.threads} thread(s)",
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {
