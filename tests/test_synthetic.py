@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import random
 import subprocess
@@ -203,3 +204,17 @@ def test_no_letter_prior_in_any_question_type(driving: tuple[Path, list[Sample]]
         and r.meta["gt"]["objects"][0]["category"] != "pedestrian"
     ]
     assert len({tuple(o.values()) for o in vehicles}) > 6  # the same four motions, in many orders
+
+
+def test_synth_defaults_draw_from_the_demo_teachers_training_distribution() -> None:
+    """`drivekd data synth` with its defaults writes what the demo teacher was trained on: its image size, both
+    view settings and its data seed (so its train split is a prefix of the teacher's)."""
+    from drivekd.data.cli import synth_cmd
+    from drivekd.data.synthetic.generate import DEFAULT_SIZE
+    from drivekd.demo.teacher import TeacherRecipe
+
+    defaults = {k: p.default for k, p in inspect.signature(synth_cmd).parameters.items()}
+    recipe = TeacherRecipe()
+    assert (defaults["width"], defaults["height"]) == DEFAULT_SIZE == recipe.image_size
+    assert defaults["views"] == "both" and defaults["domain"] == "driving"
+    assert defaults["seed"] == recipe.data_seed

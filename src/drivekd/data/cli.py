@@ -307,8 +307,10 @@ def synth_cmd(
     domain: Annotated[
         str, typer.Option(help="driving, or general (plain shapes, for the pre-study)")
     ] = "driving",
-    width: Annotated[int, typer.Option(help="Image width in pixels.")] = 256,
-    height: Annotated[int, typer.Option(help="Image height in pixels.")] = 144,
+    # The demo teacher's training size (drivekd.data.synthetic.generate.DEFAULT_SIZE; not imported, to keep the
+    # command line's start-up light).
+    width: Annotated[int, typer.Option(help="Image width in pixels (default: the demo teacher's).")] = 224,
+    height: Annotated[int, typer.Option(help="Image height in pixels (default: the demo teacher's).")] = 112,
     seed: int = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace the data set already in --out.")
