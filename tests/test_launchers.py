@@ -1,0 +1,50 @@
+"""Launchers on CPU (issue 14, item 8): ``torchrun`` starts one training process per ``--nproc_per_node``;
+``accelerate launch --num_processes N`` without a GPU starts one process (docs/training.md, Several processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from drivekd.data.synthetic import generate_split
+
+BIN = Path(sys.executable).parent
+TINY_RUN = [
+    "distill.recipe=sft",
+    "optim.max_steps=1",
+    "optim.grad_accum=1",
+    "run.save_every=1",
+    "run.tensorboard=false",
+    "run.resume=false",
+]
+
+
+def _worlds(launcher: list[str], tmp_path: Path) -> list[int]:
+    """Launch a one-step tiny run and return the process count each logged step saw."""
+    data = generate_split(tmp_path / "data", n_scenes=2, seed=0, views="single").path
+    out = tmp_path / "run"
+    args = [*launcher, "-m", "drivekd.cli", "train", f"data.train={data}", f"run.output_dir={out}", *TINY_RUN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [json.loads(line)["world"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_torchrun_starts_one_process_per_rank_on_cpu(tmp_path):
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    assert _worlds(torchrun, tmp_path) == [2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="describes a machine without a GPU")
+def test_accelerate_launch_runs_one_process_on_cpu(tmp_path):
+    accelerate = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1"]
+    accelerate += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    assert _worlds(accelerate, tmp_path) == [1]
