@@ -84,7 +84,7 @@ class TeacherRecipe:
     vision_hidden: int = 64
     vision_depth: int = 2
     vision_heads: int = 2
-    steps: int = 2400
+    steps: int = 4000
     # Stop early (keeping that step's checkpoint) past this much training time, summed over resumed runs; None: never.
     train_minutes: float | None = 110.0
     checkpoint_every: int = 100  # a killed run resumes from the last of these
