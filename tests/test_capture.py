@@ -251,6 +251,7 @@ def test_a_consumer_gets_each_map_as_its_layer_runs_and_its_gradient_just_in_tim
 
     def run(streaming: bool):
         events, handles, losses, layers_run = [], [], [], []
+        consumed: dict[tuple[str, int], torch.Tensor] = {}
 
         def on_layer(k):
             def hook(module, args, output):
@@ -263,6 +264,7 @@ def test_a_consumer_gets_each_map_as_its_layer_runs_and_its_gradient_just_in_tim
         def consumer(layer, kind, maps):
             assert layers_run[-1] == layer - 1 if layer else not layers_run  # called inside layer `layer`
             maps.register_hook(lambda g: events.append((kind, layer)))
+            consumed[kind, layer] = maps.detach()
             losses.append(maps.pow(2).sum())
 
         handles = [layer.register_forward_hook(on_layer(k)) for k, layer in enumerate(decoder)]
@@ -279,13 +281,14 @@ def test_a_consumer_gets_each_map_as_its_layer_runs_and_its_gradient_just_in_tim
                     m.register_hook(lambda g, kind=kind, layer=layer: events.append((kind, layer)))
                     losses.append(m.pow(2).sum())
         sum(losses).backward()
-        return events, captured
+        return events, captured, consumed
 
-    streamed, captured = run(streaming=True)
-    deferred, reference = run(streaming=False)
+    streamed, captured, consumed = run(streaming=True)
+    deferred, reference, _ = run(streaming=False)
+    assert not captured.full and not captured.tv  # a consumed map is not kept by the recorder
     for layer, maps in reference.full.items():
-        torch.testing.assert_close(captured.full[layer], maps, rtol=0, atol=0)
-    torch.testing.assert_close(captured.tv[0], reference.tv[0], rtol=0, atol=0)
+        torch.testing.assert_close(consumed["full", layer], maps, rtol=0, atol=0)
+    torch.testing.assert_close(consumed["tv", 0], reference.tv[0], rtol=0, atol=0)
     first_layer_grad = deferred.index(next(e for e in deferred if e[0] == "layer"))
     assert all(deferred.index(("full", k)) < first_layer_grad for k in reference.full)
     for k in reference.full:  # streamed: after the gradient of layer k's output, before layer k-1's

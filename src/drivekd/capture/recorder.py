@@ -107,7 +107,8 @@ class AttentionRecorder:
     A student's maps are computed at :meth:`collect` by default. With a ``consumer`` (see :meth:`start`) each is
     computed as its layer runs and handed over at once, so that a loss built from it sits at that layer in the
     autograd graph: the backward then creates each map's gradient just before the layer needs it, instead of all
-    of them when it starts.
+    of them when it starts. A consumed map is not kept (:meth:`collect` returns only the maps nobody consumed), so
+    the step holds no more of it than the consumer's loss saves.
     """
 
     def __init__(self, model: PreTrainedModel, plan: CapturePlan, *, grad: bool) -> None:
@@ -123,6 +124,7 @@ class AttentionRecorder:
         self._result: CapturedAttention | None = None
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = {}
         self._consumer: MapConsumer | None = None
+        self._consumed: set[int] = set()  # layers handed to the consumer in this forward
 
     def __enter__(self) -> AttentionRecorder:
         self._refuse_reentrant_checkpointing()
@@ -159,6 +161,7 @@ class AttentionRecorder:
         self._result = CapturedAttention(tv_index=tv_index)
         self._pending = {}
         self._consumer = consumer
+        self._consumed = set()
 
     def collect(self) -> CapturedAttention:
         """The maps of the forward since :meth:`start` (computed now for a student)."""
@@ -168,7 +171,7 @@ class AttentionRecorder:
         self._result, self._pending, self._consumer = None, {}, None
         for layer in sorted(pending):
             self._compute(layer, *pending[layer], into=result)
-        missing = sorted(self.plan.layers - result.tv.keys() - result.full.keys())
+        missing = sorted(self.plan.layers - result.tv.keys() - result.full.keys() - self._consumed)
         if missing:
             raise CaptureError(f"no attention was recorded at decoder layers {missing}; did the forward run?")
         return result
@@ -187,16 +190,21 @@ class AttentionRecorder:
             )
         if self._result is None:
             raise CaptureError("a forward ran with the recorder attached but without start()")
-        if layer in self._pending or layer in self._result.tv.keys() | self._result.full.keys():
+        if (
+            layer in self._pending
+            or layer in self._consumed | self._result.tv.keys() | self._result.full.keys()
+        ):
             raise CaptureError(f"decoder layer {layer} was recorded twice in one forward")
         if self.grad and self._consumer is None:
             self._pending[layer] = (query, key, mask, scale)
             return
         if self.grad:
-            self._compute(layer, query, key, mask, scale, into=self._result)
-            for kind, maps in (("full", self._result.full), ("tv", self._result.tv)):
-                if layer in maps:
-                    self._consumer(layer, kind, maps[layer])
+            maps = CapturedAttention(tv_index=self._result.tv_index)
+            self._compute(layer, query, key, mask, scale, into=maps)
+            for kind, kind_maps in (("full", maps.full), ("tv", maps.tv)):
+                if layer in kind_maps:
+                    self._consumer(layer, kind, kind_maps[layer])
+            self._consumed.add(layer)
             return
         with torch.no_grad():
             self._compute(layer, query, key, mask, scale, into=self._result)

@@ -152,6 +152,7 @@ class GramianEngine:
                 tapped = TappedForward(params, list(self._params.values()))
             for handle in self._hook_vocab(tapped) if self._vocab_trainable else []:
                 stack.callback(handle.remove)
+            stack.callback(_release, tapped)
             yield tapped
 
     def gramian(
@@ -169,12 +170,16 @@ class GramianEngine:
         stacked = torch.stack([loss.reshape(()) for loss in losses])
         rows = torch.eye(len(losses), dtype=torch.float64) if rows is None else rows
         split = None
-        split_ok = loss_groups is not None and tapped.splittable
-        if tapped.sink is not None:  # under data parallelism every rank must take the same path
-            split_ok = float(self.state.reduce(torch.tensor(float(not split_ok)))) == 0
-        if split_ok:
+        if loss_groups is not None and tapped.splittable:
             groups = torch.as_tensor(list(loss_groups), dtype=torch.int64)
             split = split_rows(rows.detach().cpu(), groups, tapped.owners.groups)
+            if (
+                split.basis >= rows.shape[0]
+            ):  # no fewer rows to carry: splitting would only multiply the blocks
+                split = None
+        # Under data parallelism every rank must take the same path.
+        if tapped.sink is not None and float(self.state.reduce(torch.tensor(float(split is None)))) != 0:
+            split = None
         cotangents = rows if split is None else split.cotangents
         inputs = [tapped.sink] if tapped.sink is not None else [*tapped.leaves, *tapped.edges]
 
@@ -225,6 +230,15 @@ class GramianEngine:
 
             handles.append(self.head.register_forward_hook(on_head))
         return handles
+
+
+def _release(tapped: TappedForward) -> None:
+    """After the Gramian: the records' saved tensors go, the graph (for the update's backward) stays."""
+    for call in tapped.calls:
+        call.release()
+    if tapped.vocab is not None:
+        tapped.vocab.release()
+    tapped.edges.clear()
 
 
 def _row_owner(owners: TokenOwners, positions: torch.Tensor) -> torch.Tensor | None:

@@ -57,6 +57,12 @@ class ModuleCall:
     owner: torch.Tensor | None  # (len(args[0]),) owner group along dim 0; None: not splittable
     autocast: tuple[str, bool, torch.dtype]
 
+    def release(self) -> None:
+        """Drop the saved inputs once the Gramian is taken: the tap's autograd node keeps this record alive for as
+        long as the graph's nodes live (the micro-step's loss values), so holding them would keep every module's
+        input of every micro-step of the window in memory."""
+        self.args, self.kwargs, self.owner = (), {}, None
+
     def _slices(self) -> Iterator[torch.Tensor | None]:
         """Dim-0 indices of each group (None: everything, when the backward does not split)."""
         if self.state.groups == 1:
@@ -69,7 +75,7 @@ class ModuleCall:
         """grad: (K, *output.shape). Adds the (G*K, G*K) block of this call's parameters."""
         linear = isinstance(self.module, nn.Linear) and bool(self.args) and not self.kwargs
         rows = [self._linear(grad, idx) if linear else self._recompute(grad, idx) for idx in self._slices()]
-        self.state.add_rows(torch.cat(rows))
+        self.state.add_rows(rows[0] if len(rows) == 1 else torch.cat(rows))
 
     def _linear(self, grad: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         x, k = self.args[0], grad.shape[0]
@@ -82,7 +88,7 @@ class ModuleCall:
             parts.append(torch.einsum("kno,ni->koi", d, x).reshape(k, -1))
         if self.module.bias is not None and self.module.bias.requires_grad:
             parts.append(d.sum(1))
-        return torch.cat(parts, dim=1)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def _recompute(self, grad: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         params = _own_trainable(self.module)

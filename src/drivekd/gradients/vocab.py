@@ -44,6 +44,12 @@ class VocabRecord:
     head_used: torch.Tensor | None = None  # (G*K, N_h, U) head output gradient at the embedding's used tokens
     used: torch.Tensor | None = None  # (U,) unique used token ids
 
+    def release(self) -> None:
+        """Drop the saved ids and head inputs once the Gramian is taken (see ModuleCall.release)."""
+        self.token_ids = self.token_owner = self.head_inputs = self.head_owner = self.head_used = (
+            self.used
+        ) = None
+
     def consume_head(self, grad: torch.Tensor) -> None:
         """grad: (K, N_h, V), gathered over ranks along positions; blocks summed group by group."""
         k, groups = grad.shape[0], self.state.groups

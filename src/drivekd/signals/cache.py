@@ -27,10 +27,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -273,7 +273,7 @@ class CachedTeacher:
         self.tv_layers = frozenset(self.index.layers.get("tv", []))
         self.full_layers = frozenset(self.index.layers.get("full", []))
         self._shard_entries = {shard.file: shard for shard in self.index.shards}
-        self._shards: dict[str, Any] = {}  # file -> open safetensors handle, after its checksum passed
+        self._verified: set[str] = set()  # shard files whose size and checksum passed
 
     def __len__(self) -> int:
         return len(self.index.samples)
@@ -292,7 +292,7 @@ class CachedTeacher:
     def verify(self) -> None:
         """Check every shard's checksum now instead of on first use."""
         for shard in self.index.shards:
-            self._open(shard.file)
+            self._verify(shard.file)
 
     def signals(self, batch: Batch, index: TVIndex, needs: SignalNeeds) -> TeacherSignals:
         entries = [self._entry(sample_id) for sample_id in batch.sample_ids]
@@ -300,7 +300,7 @@ class CachedTeacher:
         if needs.tv_layers:
             self._check_index(batch, index)
         tv = {k: self._tv(k, batch, index, entries) for k in sorted(needs.tv_layers & self.tv_layers)}
-        full = {k: self._full(k, batch, entries) for k in sorted(needs.full_layers & self.full_layers)}
+        full = _LazyMaps(needs.full_layers & self.full_layers, lambda k: self._full(k, batch, entries))
         signals = TeacherSignals(index, tv, full)
         try:
             signals.check(needs)
@@ -382,7 +382,8 @@ class CachedTeacher:
 
     def _tensor(self, entry: SampleEntry, sample_id: str, name: str, device: torch.device) -> torch.Tensor:
         try:
-            tensor = self._open(entry.shard).get_tensor(f"{sample_id}/{name}")
+            with safe_open(self._verify(entry.shard), framework="pt", device=self.map_location) as shard:
+                tensor = shard.get_tensor(f"{sample_id}/{name}")
         except SafetensorError:
             raise CacheError(
                 f"shard {self.folder / entry.shard} has no tensor {sample_id}/{name} although the index lists "
@@ -390,11 +391,15 @@ class CachedTeacher:
             ) from None
         return tensor.to(device=device, dtype=self.dtype)
 
-    def _open(self, file: str) -> Any:
-        if file in self._shards:
-            return self._shards[file]
-        entry = self._shard_entries[file]
+    def _verify(self, file: str) -> Path:
+        """The shard's path, its size and checksum checked on first use.
+
+        Shards are opened per read and closed: a handle kept open would keep every page read through its memory
+        map in this process's resident memory, so that a run over a large cache would hold much of it."""
         path = self.folder / file
+        if file in self._verified:
+            return path
+        entry = self._shard_entries[file]
         if not path.is_file():
             raise CacheError(f"shard {path} listed in {self.folder / INDEX_NAME} is missing: {_REBUILD}")
         size = path.stat().st_size
@@ -406,8 +411,31 @@ class CachedTeacher:
                 f"corrupt shard {path}: checksum sha256 {digest} expected {entry.sha256}; the file changed after "
                 f"the cache was written: {_REBUILD}"
             )
-        self._shards[file] = safe_open(path, framework="pt", device=self.map_location)
-        return self._shards[file]
+        self._verified.add(file)
+        return path
+
+
+class _LazyMaps(Mapping[int, torch.Tensor]):
+    """Full maps of a batch by teacher layer, read from the shard each time one is asked for and not kept.
+
+    A (B, L, L) map per teacher layer is the largest signal; read lazily, a training step holds only the group a
+    layer's target is built from, not every layer's map for the whole step.
+    """
+
+    def __init__(self, layers: Iterable[int], load: Callable[[int], torch.Tensor]) -> None:
+        self._layers = tuple(sorted(layers))
+        self._load = load
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if layer not in self._layers:
+            raise KeyError(layer)
+        return self._load(layer)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 class _ShardWriter:

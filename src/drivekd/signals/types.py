@@ -6,6 +6,7 @@ batch's :class:`~drivekd.data.roles.TVIndex`; ``full`` maps are (B, L, L) in the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,7 +44,7 @@ class TeacherSignals:
 
     index: TVIndex
     tv: dict[int, torch.Tensor] = field(default_factory=dict)
-    full: dict[int, torch.Tensor] = field(default_factory=dict)
+    full: Mapping[int, torch.Tensor] = field(default_factory=dict)  # a cache reads each map when asked
     hidden: dict[int, torch.Tensor] = field(default_factory=dict)
     logits: torch.Tensor | None = None
 

@@ -144,7 +144,6 @@ class LayerStream:
         self.rows = {
             c: Rows(c, r, batch, index.select(r), teacher=teacher) for c, r in capability_rows(batch).items()
         }
-        self.targets = {(t.name, c): t.targets(rows) for t in self.terms for c, rows in self.rows.items()}
         self.per_layer: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
 
     def __call__(self, layer: int, kind: str, maps: torch.Tensor) -> None:
@@ -153,7 +152,7 @@ class LayerStream:
                 continue
             position = term.student_layers.index(layer)
             for c, rows in self.rows.items():
-                loss = term.layer_loss(maps[rows.rows], self.targets[term.name, c][position], rows)
+                loss = term.layer_loss(maps[rows.rows], term.target(rows, position), rows)
                 self.per_layer.setdefault((term.name, c), {})[layer] = loss
 
     def feed(self, captured: CapturedAttention) -> None:

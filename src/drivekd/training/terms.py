@@ -189,11 +189,16 @@ class AttentionTerm(Term):
         layers = frozenset(k for group in self.teacher_groups for k in group)
         return SignalNeeds(tv_layers=layers) if self.kind == "tv" else SignalNeeds(full_layers=layers)
 
-    def targets(self, rows: Rows) -> list[torch.Tensor]:
-        """The teacher's group-mean targets on ``rows``, one per student layer."""
+    def target(self, rows: Rows, position: int) -> torch.Tensor:
+        """The teacher's group-mean target on ``rows`` for student layer ``student_layers[position]``.
+
+        One layer at a time and reading only that group's teacher maps, so a stream holds one target while it
+        builds a layer's loss, not every layer's targets (nor, with a cache, every teacher map) at once.
+        """
         teacher = rows.teacher[self.source]
         signals = teacher.tv if self.kind == "tv" else teacher.full
-        return group_targets({k: t[rows.rows] for k, t in signals.items()}, self.teacher_groups)
+        group = self.teacher_groups[position]
+        return group_targets({k: signals[k][rows.rows] for k in group if k in signals}, [group])[0]
 
     @abstractmethod
     def layer_loss(self, student: torch.Tensor, target: torch.Tensor, rows: Rows) -> torch.Tensor:
