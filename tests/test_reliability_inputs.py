@@ -264,3 +264,19 @@ def test_offline_hub_id_is_one_error_line(tmp_path: Path, data: Path) -> None:
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr
     assert "error: cannot load model 'nobody-here/no-such-model'" in " ".join(run.stderr.split())
+
+
+@pytest.mark.reliability
+@pytest.mark.parametrize(
+    "command",
+    [["bench", "step", "--quick"], ["bench", "capture", "--quick"], ["bench", "inference", "--quick"]],
+)
+def test_a_benchmark_refuses_an_existing_json_before_it_runs(tmp_path, command):
+    """Item 6 for the benchmarks: an existing --json report is kept unless --overwrite, refused in one line before
+    any measurement starts."""
+    report = tmp_path / "report.json"
+    report.write_text('{"earlier": true}')
+    result = runner.invoke(app, [*command, "--json", str(report)])
+    assert result.exit_code == 2, result.output
+    assert "exists; pass --overwrite" in result.output and "--json" in result.output
+    assert report.read_text() == '{"earlier": true}'

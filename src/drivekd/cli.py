@@ -69,6 +69,20 @@ Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if 
 DType = Annotated[str | None, typer.Option(help="float32 or bfloat16 (default: float32)")]
 
 
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file.")]
+
+
+def check_json_out(path: Path | None, overwrite: bool) -> None:
+    """Refuse an existing --json file before a benchmark runs for minutes (unless --overwrite)."""
+    from drivekd.fileio import refuse_overwrite
+
+    if path is not None:
+        try:
+            refuse_overwrite(path, overwrite=overwrite, option="--json")
+        except OutputExistsError as err:
+            raise _fail(err) from None
+
+
 def _write_json(report: dict, path: Path | None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,11 +104,13 @@ def bench_step_cmd(
         ),
     ] = "default",
     json_path: JsonOut = None,
+    overwrite: Overwrite = False,
     device: Device = None,
     dtype: DType = None,
 ) -> None:
     """Cost of a multi-teacher step in both gradient groupings (plain, exact AGP, amortised, naive references, live
     teacher, checkpointing) vs plain SFT."""
+    check_json_out(json_path, overwrite)
     from drivekd.bench.step import config_for, run
     from drivekd.devices import default_device
 
@@ -263,10 +279,12 @@ def bench_capture_cmd(
         bool, typer.Option("--quick", help="A smaller decoder that finishes in about a minute.")
     ] = False,
     json_path: JsonOut = None,
+    overwrite: Overwrite = False,
     device: Device = None,
     dtype: DType = None,
 ) -> None:
     """Cost of attention capture vs a plain SDPA SFT step (one fresh process per variant)."""
+    check_json_out(json_path, overwrite)
     from drivekd.bench.capture import config_for, run
     from drivekd.devices import default_device
 

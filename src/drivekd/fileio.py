@@ -24,16 +24,18 @@ def write_text_atomically(path: Path, text: str) -> None:
     write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def refuse_overwrite(out: Path, *, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+def refuse_overwrite(
+    out: Path, *, overwrite: bool, inputs: Iterable[Path] = (), option: str = "--out"
+) -> None:
     """Raise :class:`OutputExistsError` when writing ``out`` would replace one of ``inputs`` or an existing file,
-    unless ``overwrite``; so nothing is replaced by a command that was not told to."""
+    unless ``overwrite``; so nothing is replaced by a command that was not told to. ``option`` names the flag."""
     if overwrite:
         return
     for source in inputs:
         if source.exists() and out.exists() and out.samefile(source):
             raise OutputExistsError(
-                f"--out {out} is the input file {source}: writing it would replace the input; choose another "
-                "--out (or pass --overwrite to replace it)"
+                f"{option} {out} is the input file {source}: writing it would replace the input; choose another "
+                f"{option} (or pass --overwrite to replace it)"
             )
     if out.exists():
-        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+        raise OutputExistsError(f"{out} exists; pass --overwrite to replace it or choose another {option}")

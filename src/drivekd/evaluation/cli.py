@@ -533,6 +533,7 @@ def bench_inference_cmd(
     backend: Annotated[str, typer.Option(help="hf, or vllm (GPU, when installed).")] = "hf",
     threads: Annotated[int | None, typer.Option(help="CPU threads per model process.")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --json file.")] = False,
     teacher_name: Annotated[
         str | None,
         typer.Option(help="Name of the teacher's row (default: its checkpoint); `eval report` joins on it."),
@@ -547,6 +548,7 @@ def bench_inference_cmd(
     (--teacher-name/--student-name) for `drivekd eval report --bench` to put the figures in its row."""
     from dataclasses import replace
 
+    from drivekd.cli import check_json_out
     from drivekd.devices import default_device
     from drivekd.evaluation.inference import (
         PRESET_PAIRS,
@@ -557,6 +559,7 @@ def bench_inference_cmd(
         table_markdown,
     )
 
+    check_json_out(json_path, overwrite)
     if quick:
         specs = (ModelSpec(f"tiny-{family}-teacher", "tiny", family, "teacher"),)
         specs += (ModelSpec(f"tiny-{family}-student", "tiny", family, "student"),)
