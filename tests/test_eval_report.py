@@ -170,5 +170,5 @@ def test_bench_inference_names_its_rows_for_the_report(tmp_path, monkeypatch):
     assert (seen[0][0].path, seen[0][1].path) == ("ckpt/teacher", "ckpt/student")  # only the names change
     rows = table1_rows([_report("student-1b", 40.0, None)], read_bench_report(bench))
     assert (rows[0]["memory_gb"], rows[0]["speed_tok_s"], rows[0]["ttft_s"]) == (1.5, 20.0, 0.25)
-    assert CliRunner().invoke(app, args).exit_code == 0  # without names: the checkpoints
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0  # without names: the checkpoints
     assert json.loads(bench.read_text())["results"]["student"]["name"] == "ckpt/student"
