@@ -136,6 +136,8 @@ class FamilyAdapter(ABC):
     chat_template: ClassVar[str]
     # Submodules on the vision side of the model: they see the images of batch row 0, then row 1, ... along dim 0.
     vision_modules: ClassVar[tuple[str, ...]]
+    # The vision encoder's submodules (without the projector): what model.freeze's alias vision_tower freezes.
+    vision_tower: ClassVar[tuple[str, ...]]
 
     def load(
         self, name_or_path: str | Path, *, dtype: torch.dtype | str = "auto", **kwargs: Any
@@ -233,6 +235,7 @@ class _QwenAdapter(FamilyAdapter):
     }
     chat_template = _QWEN_TEMPLATE
     vision_modules = ("visual",)
+    vision_tower = ("visual",)  # Qwen's merger (its projector) lives inside visual
     patch_size: ClassVar[int] = 14
 
     def tiny_processor(self, tokenizer: Any, image_size: tuple[int, int]) -> ProcessorMixin:
@@ -336,6 +339,7 @@ class InternVLAdapter(FamilyAdapter):
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
     vision_modules = ("vision_tower", "multi_modal_projector")
+    vision_tower = ("vision_tower",)
     patch_size: ClassVar[int] = 14
 
     def _tile(self, image_size: tuple[int, int]) -> int:

@@ -50,6 +50,9 @@ class ModelConfig(_Section):
     # dtype of the HF folder in each checkpoint (what transformers/vLLM load); native: what the pretrained
     # checkpoint's config declares, else model.dtype. Resume restores the exact working weights either way.
     save_dtype: Literal["native", "float32", "bfloat16", "float16"] = "native"
+    # Student parameters left out of training: fnmatch patterns on parameter names ("visual.*"), or the alias
+    # vision_tower (the family's vision encoder); a pattern matching nothing is an error (training/freeze.py).
+    freeze: list[str] = Field(default_factory=list)
 
 
 class DataConfig(_Section):

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from rich.console import Console
 from transformers import PreTrainedModel, ProcessorMixin
 
 from drivekd.errors import ModelSourceError
@@ -19,6 +20,9 @@ from drivekd.models.pair import ModelPair, build_tiny_pair
 from drivekd.signals.live import LiveTeacher
 from drivekd.signals.types import TeacherSource
 from drivekd.training.config import CAPABILITIES, TrainConfig
+from drivekd.training.freeze import freeze
+
+console = Console(stderr=True, soft_wrap=True)
 
 
 @dataclass
@@ -98,6 +102,9 @@ def build_models(config: TrainConfig, device: torch.device | str | None = None) 
                 r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
             ),
         )
+    if config.model.freeze:
+        frozen = freeze(student, config.model.freeze, family)
+        console.print(frozen.summary(sum(p.numel() for p in student.parameters())))
     models = Models(family, student, processor)
     if config.distill.recipe == "sft":
         return models
