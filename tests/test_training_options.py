@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from drivekd.data.synthetic import generate_split
-from drivekd.training.config import load_config
+from drivekd.errors import DriveKDError
+from drivekd.models.pair import build_tiny_pair
+from drivekd.training.config import ConfigError, load_config
 from drivekd.training.freeze import FreezeError
 from drivekd.training.trainer import Trainer
 
@@ -52,3 +54,46 @@ def test_an_unmatched_freeze_pattern_is_named(data, tmp_path):
         Trainer(
             _config(data, tmp_path, "optim.max_steps=1", "distill.recipe=sft", "model.freeze=['vison.*']")
         )
+
+
+def _vision_tokens(trainer: Trainer) -> int:
+    return int(trainer.collate(trainer.samples[:1]).roles.vision.sum())
+
+
+@pytest.mark.parametrize(
+    ("family", "option"),
+    [("qwen2_5_vl", "max_pixels=3136"), ("qwen3_vl", "max_pixels=4096"), ("internvl", "max_patches=1")],
+)
+def test_the_image_budget_sets_the_vision_tokens_of_student_and_teacher(data, tmp_path, family, option):
+    pair = build_tiny_pair(family, seed=42)  # a teacher folder with its own processor
+    pair.teacher.save_pretrained(tmp_path / "teacher")
+    pair.teacher_processor.save_pretrained(tmp_path / "teacher")
+    common = [
+        "optim.max_steps=1",
+        "distill.recipe=perception",
+        f"model.family={family}",
+        f"model.teacher={tmp_path / 'teacher'}",
+    ]
+    default = Trainer(_config(data, tmp_path / "default", *common))
+    budget = Trainer(
+        _config(data, tmp_path / "budget", *common, f"model.processor.{option}", "run.save_every=1")
+    )
+    assert 0 < _vision_tokens(budget) < _vision_tokens(default)
+    assert budget.models.teacher_processors[0] is not budget.models.processor
+    # the teacher's own processor got the budget too: its layout is checked against the student's before training
+    result = budget.train()
+    saved = budget.family.load_processor(result.checkpoint / "student")
+    key, value = option.split("=")
+    setting = (
+        saved.image_processor.size["longest_edge"]
+        if key == "max_pixels"
+        else saved.image_processor.max_patches
+    )
+    assert setting == int(value)
+
+
+def test_an_image_budget_of_another_family_is_refused_by_name(data, tmp_path):
+    with pytest.raises(DriveKDError, match=r"model.processor.max_pixels does not apply to internvl"):
+        Trainer(_config(data, tmp_path, "model.family=internvl", "model.processor.max_pixels=3136"))
+    with pytest.raises(ConfigError, match=r"model.processor.*min_pixels=9 is above max_pixels=4"):
+        _config(data, tmp_path, "model.processor.min_pixels=9", "model.processor.max_pixels=4")

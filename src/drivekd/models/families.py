@@ -161,6 +161,23 @@ class FamilyAdapter(ABC):
             return _without_video(self.processor_cls, self.video_processor_type).from_pretrained(name_or_path)
         return AutoProcessor.from_pretrained(name_or_path)
 
+    # The image-budget options of model.processor this family takes (the rest are refused by name).
+    processor_options: ClassVar[tuple[str, ...]]
+
+    def configure_processor(self, processor: ProcessorMixin, options: dict[str, int]) -> None:
+        """Apply image resolution / token-budget ``options`` (``model.processor``'s set keys) to ``processor``."""
+        other = sorted(set(options) - set(self.processor_options))
+        if other:
+            raise ModelSourceError(
+                f"model.processor.{other[0]} does not apply to {self.name} processors; {self.name} takes "
+                f"{', '.join(self.processor_options)}"
+            )
+        self._apply_options(processor.image_processor, options)
+
+    def _apply_options(self, image_processor: Any, options: dict[str, int]) -> None:
+        for key, value in options.items():
+            setattr(image_processor, key, value)
+
     def tiny_tokenizer(self) -> Any:
         return build_tokenizer(
             self.special_tokens,
@@ -237,6 +254,17 @@ class _QwenAdapter(FamilyAdapter):
     vision_modules = ("visual",)
     vision_tower = ("visual",)  # Qwen's merger (its projector) lives inside visual
     patch_size: ClassVar[int] = 14
+    processor_options = ("min_pixels", "max_pixels")
+
+    def _apply_options(self, image_processor: Any, options: dict[str, int]) -> None:
+        """Qwen's image processor reads its pixel budget from ``size`` (shortest_edge: min_pixels, longest_edge:
+        max_pixels); a max_pixels below the processor's minimum lowers that minimum too."""
+        size = dict(image_processor.size)
+        low = options.get("min_pixels", size["shortest_edge"])
+        high = options.get("max_pixels", size["longest_edge"])
+        if "min_pixels" not in options:
+            low = min(low, high)
+        image_processor.size = {**size, "shortest_edge": low, "longest_edge": high}
 
     def tiny_processor(self, tokenizer: Any, image_size: tuple[int, int]) -> ProcessorMixin:
         pixels = image_size[0] * image_size[1]
@@ -340,6 +368,7 @@ class InternVLAdapter(FamilyAdapter):
     )
     vision_modules = ("vision_tower", "multi_modal_projector")
     vision_tower = ("vision_tower",)
+    processor_options = ("min_patches", "max_patches")  # tiles per image (GotOcr2 crop_to_patches)
     patch_size: ClassVar[int] = 14
 
     def _tile(self, image_size: tuple[int, int]) -> int:

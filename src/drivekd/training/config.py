@@ -36,6 +36,25 @@ class LoraConfig(_Section):
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+class ProcessorConfig(_Section):
+    """Image resolution / vision-token budget, applied to the student's and every live teacher's processor alike
+    (their token layouts must agree). Qwen2.5-VL / Qwen3-VL: pixels per image (min_pixels, max_pixels);
+    InternVL: tiles per image (min_patches, max_patches). Unset: the processor's own setting."""
+
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+    min_patches: int | None = Field(None, ge=1)
+    max_patches: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProcessorConfig:
+        for low, high in (("min_pixels", "max_pixels"), ("min_patches", "max_patches")):
+            a, b = getattr(self, low), getattr(self, high)
+            if a is not None and b is not None and a > b:
+                raise ValueError(f"{low}={a} is above {high}={b}")
+        return self
+
+
 class ModelConfig(_Section):
     family: str = "qwen2_5_vl"
     student: str = "tiny"  # hub id, folder, or "tiny" for an offline tiny model
@@ -53,6 +72,7 @@ class ModelConfig(_Section):
     # Student parameters left out of training: fnmatch patterns on parameter names ("visual.*"), or the alias
     # vision_tower (the family's vision encoder); a pattern matching nothing is an error (training/freeze.py).
     freeze: list[str] = Field(default_factory=list)
+    processor: ProcessorConfig = Field(default_factory=ProcessorConfig)
 
 
 class DataConfig(_Section):

@@ -87,6 +87,8 @@ def build_models(config: TrainConfig, device: torch.device | str | None = None) 
         build_tiny_pair(config.model.family, seed=config.run.seed) if config.model.student == "tiny" else None
     )
     student, processor = _load(family, config.model.student, config, tiny, "student")
+    budget = config.model.processor.model_dump(exclude_none=True)  # applied to every processor alike
+    family.configure_processor(processor, budget)
     if device is None:
         from accelerate import PartialState
 
@@ -133,6 +135,7 @@ def build_models(config: TrainConfig, device: torch.device | str | None = None) 
         path = paths["reasoning"] if name == "base" else paths[name]
         if path not in loaded:
             model, teacher_processor = _load(family, path, config, tiny, "teacher")
+            family.configure_processor(teacher_processor, budget)
             dtype = _dtype(config.model.teacher_dtype or config.model.dtype)
             model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
             loaded[path] = LiveTeacher(model)
