@@ -43,7 +43,11 @@ def analyze_cmd(
     data: Annotated[Path, typer.Option("--data", help="Driving pre-study JSONL (Drive-KD samples).")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (metrics.json, layers.yaml, figures).")],
     image_root: Annotated[
-        Path | None, typer.Option("--image-root", help="Folder the data's image paths are relative to.")
+        Path | None,
+        typer.Option(
+            "--image-root",
+            help="Folder the data's image paths are relative to (default: the one it records, else its folder).",
+        ),
     ] = None,
     general_data: Annotated[
         Path | None,

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from drivekd.data.header import image_root_for
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.errors import DataError
 
@@ -60,7 +61,7 @@ def load_prestudy(
         raise DataError(str(path), None, None, "file not found", hint="pass an existing Drive-KD JSONL file")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples must be at least 1, got {max_samples}")
-    root = image_root if image_root is not None else path.parent
+    root = image_root_for(path, image_root)
     rows: list[Sample] = []
     seen: set[str] = set()
     for sample in read_jsonl(path, image_root=root):

@@ -258,6 +258,7 @@ def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, A
 def prepare(cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
     """Synthetic data and the teacher-signal cache shared by the worker processes."""
     from drivekd.data.collate import VLMCollator
+    from drivekd.data.header import image_root_for
     from drivekd.data.schema import read_jsonl, write_jsonl
     from drivekd.data.synthetic import generate_split
     from drivekd.signals.cache import write_cache
@@ -280,7 +281,9 @@ def prepare(cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
     layers = resolve_layers(config.layers, s_depth, t_depth)
     needs = Objective(build_recipe(config.distill, layers, s_depth, t_depth).terms).needs
     collate = VLMCollator(
-        pair.teacher_processor, pair.family.image_token_id(pair.teacher), image_root=split.path.parent
+        pair.teacher_processor,
+        pair.family.image_token_id(pair.teacher),
+        image_root=image_root_for(split.path),
     )
     report = write_cache(
         pair.teacher.to(getattr(torch, cfg.dtype)),

@@ -24,7 +24,15 @@ SkipInvalid = Annotated[
 ImageRoot = Annotated[
     Path | None,
     typer.Option(
-        "--image-root", help="Folder that image paths are relative to (not needed with --text-only)."
+        "--image-root",
+        help="Folder that image paths are relative to (not needed with --text-only); the written JSONL records it.",
+    ),
+]
+ReadRoot = Annotated[
+    Path | None,
+    typer.Option(
+        "--image-root",
+        help="Folder the JSONL's image paths are relative to (default: the one it records, else its folder).",
     ),
 ]
 TextOnly = Annotated[
@@ -52,12 +60,6 @@ Overwrite = Annotated[
 ]
 Out = Annotated[Path, typer.Option("--out", help="Drive-KD JSONL to write.")]
 ExportOut = Annotated[Path, typer.Option("--out", help="JSON file to write.")]
-ExportRoot = Annotated[
-    Path | None,
-    typer.Option(
-        "--image-root", help="Folder the JSONL's image paths are relative to (default: its folder)."
-    ),
-]
 
 
 IMAGE_HINT = "replace or regenerate the image, or remove the row"
@@ -77,8 +79,9 @@ def _import(
     inputs: tuple[Path | None, ...] = (),
     **options: Any,
 ) -> None:
-    """Run an importer and write its samples; a file of which nothing could be imported is a failure (exit 2), and
-    so is an ``out`` that exists or is an input, unless ``overwrite``."""
+    """Run an importer and write its samples, with a header recording the image root (none for a text-only
+    import); a file of which nothing could be imported is a failure (exit 2), and so is an ``out`` that exists or
+    is an input, unless ``overwrite``."""
     from drivekd.data.schema import write_jsonl
 
     try:
@@ -91,7 +94,8 @@ def _import(
     if not result.samples:
         what = f"all {len(result.errors)} rows were invalid" if result.errors else "it holds no rows"
         raise _fail(ValueError(f"{path}: nothing to import, {what}; {out} was not written"))
-    count = write_jsonl(result.samples, out)
+    root = None if options.get("text_only") else options.get("image_root")
+    count = write_jsonl(result.samples, out, image_root=root)
     console.print(f"wrote {count} samples to {out} ({len(result.errors)} skipped)")
 
 
@@ -186,7 +190,7 @@ def _write_rows(rows: list[dict[str, Any]], out: Path, what: str) -> None:
 def export_drivebench_cmd(
     path: Path,
     out: ExportOut,
-    image_root: ExportRoot = None,
+    image_root: ReadRoot = None,
     predictions: Annotated[
         Path | None,
         typer.Option(
@@ -233,7 +237,7 @@ def export_drivebench_cmd(
 def export_drivekd_cmd(
     path: Path,
     out: ExportOut,
-    image_root: ExportRoot = None,
+    image_root: ReadRoot = None,
     allow_outside_root: AllowOutsideRoot = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -251,19 +255,20 @@ def export_drivekd_cmd(
 
 @data_app.command("validate")
 def validate_cmd(
-    path: Path, image_root: ImageRoot = None, allow_outside_root: AllowOutsideRoot = False
+    path: Path, image_root: ReadRoot = None, allow_outside_root: AllowOutsideRoot = False
 ) -> None:
     """Check every row of a JSONL file and summarise it: schema, ids, tags, cameras, and every image decoded
     (unless text-only). Exit 1 when a row is invalid (each is listed), 2 when the file is missing or empty."""
     from collections import Counter
 
+    from drivekd.data.header import image_root_for
     from drivekd.data.images import ImageFileError, open_image
     from drivekd.data.schema import read_jsonl
 
     errors: list[DataError] = []
-    root = image_root if image_root is not None else path.parent
     samples: list[Any] = []
     try:
+        root = image_root_for(path, image_root)
         rows = read_jsonl(
             path, image_root=root, skip_invalid=True, errors=errors, allow_outside_root=allow_outside_root
         )
@@ -282,7 +287,9 @@ def validate_cmd(
         raise _fail(ValueError(f"{path}: the file holds no rows (pass a Drive-KD JSONL file with samples)"))
     for err in errors:
         console.print(f"[yellow]invalid[/yellow] {escape(str(err))}")
-    table = Table(title=f"{path}: {len(samples)} valid samples, {len(errors)} invalid")
+    table = Table(
+        title=f"{path}: {len(samples)} valid samples, {len(errors)} invalid", caption=f"image root: {root}"
+    )
     for column in ("capability", "task", "kind", "views", "count"):
         table.add_column(column)
 

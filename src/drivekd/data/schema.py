@@ -1,7 +1,8 @@
 """The Drive-KD sample: one driving VQA item, stored one per line in JSONL.
 
 Every importer and the synthetic generator produce :class:`Sample`; every model-side component consumes it.
-Image paths are stored as written and resolved against a root (by default the JSONL file's folder).
+Image paths are stored as written and resolved against a root: by default the one the file's header records, else
+the JSONL file's folder (:func:`drivekd.data.header.image_root_for`).
 
 A ``text_only`` sample keeps its image references (so an exporter writes them back) but no reader checks or opens
 them, and the collator builds a prompt without images (DriveBench's text-only setting).
@@ -31,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from drivekd.data.cameras import CAMERAS, check_camera
+from drivekd.data.header import HEADER_KEY, header_line, image_root_for, is_header
 from drivekd.data.images import OUTSIDE_ROOT_HINT, ImageFileError, confine
 from drivekd.data.tags import ObjectTag, parse_tags
 from drivekd.errors import DataError
@@ -207,7 +209,7 @@ def check_images(
 def read_jsonl(
     path: str | Path,
     *,
-    image_root: Path | None = None,
+    image_root: str | Path | None = None,
     check_files: bool = True,
     skip_invalid: bool = False,
     errors: list[DataError] | None = None,
@@ -215,13 +217,15 @@ def read_jsonl(
 ) -> Iterator[Sample]:
     """Stream samples from a JSONL file, validating each row.
 
-    ``image_root`` defaults to the file's folder; image paths must stay inside it unless ``allow_outside_root``.
+    ``image_root`` defaults to the root the file's header records, else the file's folder
+    (:func:`~drivekd.data.header.image_root_for`); image paths must stay inside it unless ``allow_outside_root``.
+    The header line is not a sample, and a header on any other line is an error of that line.
     With ``skip_invalid`` bad rows are appended to ``errors`` (when given) and skipped instead of raising.
     Text-only samples' images are never checked. A line that is not UTF-8 and an id seen on an earlier line are
     errors of that line. A file that cannot be opened is a :class:`DataError` naming it.
     """
     path = Path(path)
-    root = image_root if image_root is not None else path.parent
+    root = image_root_for(path, image_root, check=check_files)
     seen: dict[str, int] = {}
     try:
         handle = path.open("rb")
@@ -248,6 +252,16 @@ def read_jsonl(
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(str(path), lineno, None, f"not valid JSON: {err.msg}") from None
+                if is_header(row):
+                    if lineno == 1:
+                        continue
+                    raise DataError(
+                        str(path),
+                        lineno,
+                        HEADER_KEY,
+                        "a header belongs on the first line only",
+                        hint="remove it",
+                    )
                 sample = validate_row(row, file=str(path), index=lineno)
                 if check_files:
                     check_images(
@@ -271,8 +285,12 @@ def read_jsonl(
             yield sample
 
 
-def write_jsonl(samples: Iterable[Sample], path: str | Path) -> int:
-    """Write samples to ``path`` atomically (a temporary file renamed into place); returns the count."""
+def write_jsonl(samples: Iterable[Sample], path: str | Path, *, image_root: str | Path | None = None) -> int:
+    """Write samples to ``path`` atomically (a temporary file renamed into place); returns the count.
+
+    With ``image_root`` (the folder the samples' image paths are relative to) a header recording it comes first,
+    so readers find the images without being told (:mod:`drivekd.data.header`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     count = 0
@@ -280,6 +298,8 @@ def write_jsonl(samples: Iterable[Sample], path: str | Path) -> int:
     def write(tmp: Path) -> None:
         nonlocal count
         with tmp.open("w", encoding="utf-8") as handle:
+            if image_root is not None:
+                handle.write(header_line(Path(image_root), path))
             for sample in samples:
                 # ``text_only`` is written only when set, so files of image samples stay as they were.
                 exclude = None if sample.text_only else {"text_only"}

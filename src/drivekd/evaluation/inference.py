@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 
 from drivekd.bench.measure import WORKER_ENV, measure
 from drivekd.data.collate import VLMCollator
+from drivekd.data.header import image_root_for
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.evaluation.generate import (
     checkpoint_family,
@@ -299,7 +300,7 @@ def run_worker(spec: ModelSpec, cfg: InferenceBenchConfig) -> dict[str, Any]:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     samples = list(read_jsonl(cfg.samples))[: cfg.n_samples]
-    root = Path(cfg.samples).parent
+    root = image_root_for(cfg.samples)
     worker = _vllm_worker if cfg.backend == "vllm" else _hf_worker
     result = worker(spec, cfg, samples, root)
     return {**result, "backend": cfg.backend, "device": cfg.device, "dtype": cfg.dtype}

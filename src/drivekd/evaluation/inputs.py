@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from drivekd.data.drivebench import import_drivebench
+from drivekd.data.header import image_root_for
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.errors import DataError
 
@@ -28,7 +29,8 @@ def load_samples(
     with ``text_only`` and ``visual_descriptions`` meaning what they mean to ``drivekd data import-drivebench``:
     without ``text_only`` it needs ``image_root`` (the root of a DriveBench checkout, which holds the rows'
     ``data/nuscenes/...`` paths) and checks the images; with it no image is needed, checked or shown. For JSONL
-    the root defaults to the file's folder, ``check_files=False`` skips the image check (scoring needs no
+    the root defaults to the one the file records, else its folder (:func:`~drivekd.data.header.image_root_for`),
+    ``check_files=False`` skips the image check (scoring needs no
     images) and ``text_only`` marks every sample text-only (asked without images); visual descriptions are
     attached at import (``drivekd data import-drivebench --visual-descriptions``). Ids must be unique, since
     predictions are matched by id.
@@ -48,7 +50,9 @@ def load_samples(
             path, image_root, text_only=text_only, visual_descriptions=visual_descriptions
         )
         samples = imported.samples
-        root = Path(image_root) if image_root is not None else path.parent
+        root = image_root_for(
+            path, image_root
+        )  # a DriveBench file has no header: the given root, or its folder
     else:
         if visual_descriptions is not None:
             raise DataError(
@@ -59,8 +63,9 @@ def load_samples(
                 hint="pass the DriveBench .json file itself, or import it with drivekd data import-drivebench "
                 "--visual-descriptions",
             )
-        root = Path(image_root) if image_root is not None else path.parent
-        rows = read_jsonl(path, image_root=root, check_files=check_files and not text_only)
+        check_files = check_files and not text_only
+        root = image_root_for(path, image_root, check=check_files)
+        rows = read_jsonl(path, image_root=root, check_files=check_files)
         samples = [s.model_copy(update={"text_only": True}) if text_only else s for s in rows]
     seen: set[str] = set()
     for index, sample in enumerate(samples):

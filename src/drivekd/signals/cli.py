@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from drivekd.data.header import image_root_for
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.errors import DriveKDError
 
@@ -92,7 +93,10 @@ def cache_teacher_cmd(
     out: Annotated[Path, typer.Option("--out", help="Cache folder to write (shards and index.json).")],
     image_root: Annotated[
         Path | None,
-        typer.Option("--image-root", help="Folder that image paths are relative to (default: the JSONL's)."),
+        typer.Option(
+            "--image-root",
+            help="Folder that image paths are relative to (default: the one the JSONL records, else its folder).",
+        ),
     ] = None,
     layers: Annotated[
         str,
@@ -162,7 +166,7 @@ def cache_teacher_cmd(
                 f"--dtype must be float16|float32, --padding-side left|right, --tv-rows text|non_image and "
                 f"--overlong refuse|skip, got {dtype}, {padding_side}, {tv_rows}, {overlong}"
             )
-        root = image_root if image_root is not None else data.parent
+        root = image_root_for(data, image_root)
         # Read first, so bad data is refused before the teacher loads.
         samples = list(read_jsonl(data, image_root=root))
         if not samples:

@@ -37,6 +37,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from drivekd.capture.recorder import AttentionRecorder, use_capture_attention
 from drivekd.data.collate import Batch, VLMCollator
+from drivekd.data.header import image_root_for
 from drivekd.data.lengths import LengthReport, limit_lengths, model_limit
 from drivekd.data.roles import TVIndex
 from drivekd.data.schema import Sample, read_jsonl
@@ -135,7 +136,7 @@ class Trainer:
         self.collate = VLMCollator(
             self.models.processor,
             self.family.image_token_id(self.models.student),
-            image_root=self.config.data.image_root or str(Path(config.data.train).parent),
+            image_root=image_root_for(config.data.train, config.data.image_root),
             padding_side=config.data.padding_side,
             allow_outside_root=config.data.allow_outside_root,
         )
@@ -269,8 +270,9 @@ class Trainer:
                 "data.train is empty: give a Drive-KD JSONL file (drivekd data synth/import-...)"
             )
         data = self.config.data
-        root = Path(data.image_root) if data.image_root else None
-        samples = read_jsonl(data.train, image_root=root, allow_outside_root=data.allow_outside_root)
+        samples = read_jsonl(
+            data.train, image_root=self.collate.image_root, allow_outside_root=data.allow_outside_root
+        )
         return [s for s in samples if s.capability in self.config.capabilities]
 
     def _limit_lengths(self, samples: list[Sample]) -> tuple[list[Sample], LengthReport]:
