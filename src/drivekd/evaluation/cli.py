@@ -32,7 +32,9 @@ console = Console(stderr=True, soft_wrap=True)
 ImageRoot = Annotated[
     Path | None,
     typer.Option(
-        "--image-root", help="Folder image paths are relative to (for DriveBench: contains nuscenes/)."
+        "--image-root",
+        help="Folder image paths are relative to (for DriveBench: contains nuscenes/; for JSONL default: the "
+        "root it records, else its folder).",
     ),
 ]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Do not draw progress bars.")]
