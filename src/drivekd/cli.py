@@ -260,6 +260,7 @@ def train_cmd(
 
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
         return
+    from drivekd.training.distributed import rank_and_world
     from drivekd.training.trainer import train
 
     try:
@@ -267,10 +268,11 @@ def train_cmd(
         result = train(cfg)
     except (ConfigError, DriveKDError) as err:
         raise _fail(err) from None
-    console.print(
-        f"trained {result.steps} steps ({result.skipped_steps} skipped as non-finite); "
-        f"student in {result.checkpoint}/student, log in {result.output_dir}/log.jsonl"
-    )
+    if rank_and_world()[0] == 0:  # under torchrun every rank returns here
+        console.print(
+            f"trained {result.steps} steps ({result.skipped_steps} skipped as non-finite); "
+            f"student in {result.checkpoint}/student, log in {result.output_dir}/log.jsonl"
+        )
 
 
 @bench_app.command("capture")

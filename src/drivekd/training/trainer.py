@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.distributed.tensor import DTensor
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -68,6 +67,7 @@ from drivekd.training.config import TrainConfig
 from drivekd.training.models import Models, build_models
 from drivekd.training.objective import Objective, TermValue
 from drivekd.training.precision import refuse_low_precision_weights
+from drivekd.training.progress import TrainProgress, planned_steps
 from drivekd.training.recipes import Recipe, build_recipe, hidden_pairs, resolve_layers
 from drivekd.training.sampling import CapabilitySampler, MixedSampler
 from drivekd.training.scaling import LossScale
@@ -516,27 +516,36 @@ class Trainer:
         writer = self._tensorboard()
         log: list[dict[str, Any]] = []
         last = None
-        with Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} steps"),
-            TextColumn("{task.fields[info]}"),
-            TimeRemainingColumn(),
-            transient=True,
-        ) as progress:
-            task = progress.add_task("train", total=self.total_steps, completed=self.step, info="")
+        with TrainProgress(self.total_steps, self.step, self.config.run.log_every, self.rank) as progress:
+            progress.say(self._plan())
             while self.step < self.total_steps:
                 record = self.train_step()
                 log.append(record)
                 self._write_log(record, writer)
-                progress.update(
-                    task, completed=self.step, info=f"loss {record.get('loss', float('nan')):.4f}"
-                )
+                progress.update(record)
                 if self.step % self.config.run.save_every == 0 or self.step == self.total_steps:
                     last = self._save()
         if writer is not None:
             writer.close()
         return TrainResult(self.step, self.skipped, self.output_dir, last, log, self.lengths)
+
+    def _plan(self) -> str:
+        """The start line: the planned optimizer steps, how they were derived, and the step resumed at."""
+        optim, sampler = self.config.optim, self.sampler
+        per_capability = isinstance(sampler, CapabilitySampler)
+        samples = max(len(p) for p in sampler.pools.values()) if per_capability else len(sampler.samples)
+        line = planned_steps(
+            self.total_steps,
+            max_steps=optim.max_steps,
+            epochs=optim.epochs,
+            micro_steps_per_epoch=sampler.micro_steps_per_epoch(),
+            samples=samples,
+            micro_batch=self.config.data.micro_batch,
+            grad_accum=optim.grad_accum,
+            world=self.world,
+            per_capability=per_capability,
+        )
+        return line + (f", resuming at step {self.step}" if self.step else "")
 
     def current_weights(self) -> dict[str, float]:
         """The loss weights of the next step (the reweighting's, or 1)."""
