@@ -32,7 +32,7 @@ RECORD = {
 def test_duration_and_eta_arithmetic():
     assert [duration(s) for s in (0, 41.4, 221, 3600 + 5 * 60 + 20)] == ["0s", "41s", "3m41s", "1h05m"]
     line = step_line(RECORD, 200, 1.234, 197 * 1.5)
-    assert line == "step 3/200  ce 3  perception 2e-09  lr 4.9e-05  1.23 s/step  ETA 4m56s"
+    assert line == "step 3/200  ce 3  perception 2e-09  lr 4.90e-05  1.23 s/step  ETA 4m56s"
 
 
 def test_losses_are_per_term_means_over_capabilities_not_the_sum():
@@ -103,3 +103,4 @@ def test_tiny_training_prints_planned_steps_and_progress_lines(tmp_path, capsys)
     assert [line.split()[1] for line in steps] == ["1/4", "2/4", "4/4"]
     pattern = r"step \d/4  ce \S+  perception \S+  lr \S+  \d+\.\d\d s/step  ETA \d+s"
     assert all(re.fullmatch(pattern, line) for line in steps), steps
+

@@ -59,11 +59,11 @@ def duration(seconds: float) -> str:
 
 
 def step_line(record: dict[str, Any], total: int, seconds_per_step: float, eta_seconds: float) -> str:
-    """``step 20/200  ce 1.234  attn 0.0123  lr 4.9e-05  1.23 s/step  ETA 3m41s``."""
+    """``step 20/200  ce 1.234  attn 0.0123  lr 4.90e-05  1.23 s/step  ETA 3m41s``."""
     losses = "  ".join(f"{name} {value:.4g}" for name, value in term_losses(record).items())
     skipped = "  skipped (non-finite)" if record.get("skipped_nonfinite") else ""
     return (
-        f"step {record['step']}/{total}  {losses}  lr {record['lr']:.3g}  {seconds_per_step:.2f} s/step  "
+        f"step {record['step']}/{total}  {losses}  lr {record['lr']:.2e}  {seconds_per_step:.2f} s/step  "
         f"ETA {duration(eta_seconds)}{skipped}"
     )
 
@@ -121,7 +121,7 @@ class TrainProgress:
         eta = mean * (self.total - step)
         if self.bar is not None:
             info = "  ".join(f"{n} {v:.4g}" for n, v in term_losses(record).items())
-            self.bar.update(self.task, completed=step, info=f"{info}  lr {record['lr']:.3g}")
+            self.bar.update(self.task, completed=step, info=f"{info}  lr {record['lr']:.2e}")
             return
         interval, count = self.since[0] + seconds, self.since[1] + 1
         self.since = (interval, count)
