@@ -104,3 +104,18 @@ def test_tiny_training_prints_planned_steps_and_progress_lines(tmp_path, capsys)
     pattern = r"step \d/4  ce \S+  perception \S+  lr \S+  \d+\.\d\d s/step  ETA \d+s"
     assert all(re.fullmatch(pattern, line) for line in steps), steps
 
+
+def test_quickstart_config_plans_the_documented_steps(tmp_path, capsys):
+    """configs/quickstart.yaml (README's first training example, issue 14, item 3) validates and plans the 60
+    steps the README states; a 2-step run of it on a tiny synthetic split trains and prints its progress."""
+    config = load_config(QUICKSTART)
+    assert (config.optim.max_steps, config.optim.grad_accum, config.distill.recipe) == (60, 1, "multi")
+    assert "`planned 60 optimizer steps (optim.max_steps)`" in " ".join(README.read_text().split())
+    data = generate_split(tmp_path / "data", n_scenes=2, seed=0, views="single").path
+    short = load_config(
+        QUICKSTART, [f"data.train={data}", f"run.output_dir={tmp_path / 'run'}", "optim.max_steps=2"]
+    )
+    assert Trainer(short).train().steps == 2
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "planned 2 optimizer steps (optim.max_steps)"
+    assert [line.split("  ")[0] for line in out[1:]] == ["step 1/2", "step 2/2"]
