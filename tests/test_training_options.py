@@ -3,6 +3,7 @@ budgets, evaluation on a val split with a kept best checkpoint, and experiment t
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ import torch
 
 from drivekd.data.synthetic import generate_split
 from drivekd.errors import DriveKDError
+from drivekd.models.families import load_pretrained
 from drivekd.models.pair import build_tiny_pair
+from drivekd.training.checkpoint import list_checkpoints, problem
 from drivekd.training.config import ConfigError, load_config
 from drivekd.training.freeze import FreezeError
 from drivekd.training.trainer import Trainer
@@ -97,3 +100,57 @@ def test_an_image_budget_of_another_family_is_refused_by_name(data, tmp_path):
         Trainer(_config(data, tmp_path, "model.family=internvl", "model.processor.max_pixels=3136"))
     with pytest.raises(ConfigError, match=r"model.processor.*min_pixels=9 is above max_pixels=4"):
         _config(data, tmp_path, "model.processor.min_pixels=9", "model.processor.max_pixels=4")
+
+
+def test_validation_records_and_a_best_checkpoint_outside_the_rotation(data, tmp_path, monkeypatch):
+    val = generate_split(tmp_path / "val", n_scenes=1, seed=1, views="single", split="val").path
+    out = tmp_path / "run"
+    options = [
+        f"data.val={val}",
+        "run.eval_every=1",
+        "run.save_every=1",
+        "run.keep_checkpoints=1",
+        "distill.recipe=perception",
+        "optim.lr=1e-2",
+        "optim.max_steps=4",
+    ]
+    first = Trainer(_config(data, out, *options))
+    step = first.train_step
+
+    def stop_after_two() -> dict:
+        if first.step == 2:
+            raise KeyboardInterrupt  # a run stopped after checkpoint-2 and its evaluation
+        return step()
+
+    monkeypatch.setattr(first, "train_step", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]  # rotated; best/ is not
+    kept = json.loads((out / "best" / "best.json").read_text())
+    assert problem(out / "best") is None
+    model, _ = load_pretrained(out / "best" / "student")
+    assert model.config.model_type == "qwen2_5_vl"
+
+    resumed = Trainer(_config(data, out, *options, "run.resume=true"))
+    assert resumed.validation.best == kept["val/loss"]  # what later evaluations must beat
+    resumed.train()
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "val/loss" in line]
+    assert [e["step"] for e in evals] == [1, 2, 3, 4]
+    for record in evals:
+        assert record["val/loss"] == pytest.approx(record["val/ce"] + record["val/perception"])
+        assert 0 <= record["val/mcq_accuracy"] <= 1
+    assert len({e["val/loss"] for e in evals}) == 4  # the student changes between evaluations
+    assert kept in evals[:2]
+    assert json.loads((out / "best" / "best.json").read_text()) == min(evals, key=lambda e: e["val/loss"])
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-4"] and problem(out / "best") is None
+
+
+def test_an_unknown_best_metric_is_named_before_training(data, tmp_path):
+    val = generate_split(tmp_path / "val", n_scenes=1, seed=1, views="single", split="val").path
+    with pytest.raises(
+        DriveKDError, match=r"run.best_metric=val/kl .* use one of val/ce, val/loss, val/mcq_accuracy"
+    ):
+        Trainer(
+            _config(data, tmp_path / "run", f"data.val={val}", "distill.recipe=sft", "run.best_metric=val/kl")
+        )

@@ -43,6 +43,8 @@ MASTER_FILE = "master_weights.safetensors"  # exact working values of the tensor
 MIGRATE_COMMAND = "drivekd migrate-checkpoint"
 _ALIASES = "aliases"  # safetensors metadata: names that share another name's tensor (tied weights)
 _NAME = re.compile(r"checkpoint-(\d+)")
+BEST = "best"  # the best checkpoint by run.best_metric (training/validation.py), never rotated
+BEST_FILE = "best.json"  # in best/: the step and validation metrics it was kept for
 
 
 class CheckpointError(DriveKDError):
@@ -82,7 +84,63 @@ def save_checkpoint(
     ``config_text``: the run's config, kept as ``config.yaml`` in the checkpoint.
     """
     final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f"checkpoint-{step}.tmp"
+    tmp = _write(
+        output_dir / f"checkpoint-{step}.tmp", student, processor, state, weights, save_dtype, config_text
+    )
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_best(
+    output_dir: Path,
+    metrics: dict[str, Any],
+    student: Any,
+    processor: Any,
+    state: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None = None,
+    save_dtype: torch.dtype | None = None,
+    config_text: str | None = None,
+) -> Path:
+    """Write ``best/`` as :func:`save_checkpoint` writes a checkpoint (same contents and manifest, plus
+    :data:`BEST_FILE` holding ``metrics``), outside the rotation of ``checkpoint-N`` folders.
+
+    It is written into ``best.tmp``; the old ``best`` is moved to ``best.old`` and the new one renamed into place, so a
+    kill leaves a complete ``best`` or a complete ``best.old`` (:func:`best_checkpoint` falls back to it)."""
+    final, old = output_dir / BEST, output_dir / f"{BEST}.old"
+    extra = {BEST_FILE: json.dumps(metrics, indent=1) + "\n"}
+    tmp = _write(
+        output_dir / f"{BEST}.tmp", student, processor, state, weights, save_dtype, config_text, extra
+    )
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def best_checkpoint(output_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The kept best checkpoint with its metrics (``best``, or ``best.old`` left by a kill mid-swap), if valid."""
+    for folder in (output_dir / BEST, output_dir / f"{BEST}.old"):
+        if folder.is_dir() and problem(folder) is None and (folder / BEST_FILE).is_file():
+            return folder, json.loads((folder / BEST_FILE).read_text())
+    return None
+
+
+def _write(
+    tmp: Path,
+    student: Any,
+    processor: Any,
+    state: dict[str, Any],
+    weights: dict[str, torch.Tensor] | None = None,
+    save_dtype: torch.dtype | None = None,
+    config_text: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write a complete checkpoint into ``tmp`` (emptied first), its manifest last; ``extra``: more text files."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     weights = weights if weights is not None else _saved_state(student)
@@ -98,12 +156,10 @@ def save_checkpoint(
     statefile.save_state(state, tmp / STATE_TENSORS, tmp / STATE_JSON)
     if config_text is not None:
         (tmp / CONFIG_FILE).write_text(config_text)
+    for name, text in (extra or {}).items():
+        (tmp / name).write_text(text)
     write_manifest(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    return tmp
 
 
 def list_checkpoints(output_dir: Path) -> list[Path]:

@@ -77,6 +77,7 @@ class ModelConfig(_Section):
 
 class DataConfig(_Section):
     train: str = ""
+    val: str | None = None  # a JSONL evaluated every run.eval_every steps (training/validation.py)
     image_root: str | None = None  # default: the JSONL's folder
     padding_side: Literal["left", "right"] = "right"
     # mixed: a micro-step holds micro_batch samples drawn from the whole set (appendix D.1's batch);
@@ -202,6 +203,10 @@ class RunConfig(_Section):
     # latest_valid: from the newest valid one, naming those skipped; false: start afresh (refused over checkpoints)
     resume: bool | Literal["latest_valid"] = True
     tensorboard: bool = True
+    eval_every: int = Field(50, ge=1)  # optimizer steps between evaluations on data.val (and after the last)
+    eval_max_samples: int = Field(100, ge=1)  # the first N samples of data.val are evaluated
+    # the validation metric best/ is kept by: lower is better, higher for an accuracy (val/mcq_accuracy)
+    best_metric: str = "val/loss"
     fsdp: bool = False  # shard the student over the processes (FSDP2); otherwise replicate it (DDP)
 
 

@@ -22,14 +22,15 @@ from drivekd.training.config import TrainConfig
 
 RECORD = "config.yaml"  # the run's record in output_dir (each checkpoint keeps a copy, CONFIG_FILE)
 HISTORY = "config_history.jsonl"
-# Keys that do not change what is trained. optim.max_steps is not one: it sets the lr schedule. (Evaluation cadence
-# joins these when training gains evaluation.)
+# Keys that do not change what is trained. optim.max_steps is not one: it sets the lr schedule. Of the evaluation
+# keys only the cadence is: another split, sample bound or best metric would make best/ incomparable.
 RESUMABLE = frozenset(
     {
         "run.log_every",
         "run.save_every",
         "run.keep_checkpoints",
         "run.tensorboard",
+        "run.eval_every",
         "run.resume",
         "run.output_dir",
     }

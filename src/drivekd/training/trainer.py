@@ -72,6 +72,7 @@ from drivekd.training.recipes import Recipe, build_recipe, hidden_pairs, resolve
 from drivekd.training.sampling import CapabilitySampler, MixedSampler
 from drivekd.training.scaling import LossScale
 from drivekd.training.terms import logit_positions
+from drivekd.training.validation import Validation
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -153,6 +154,7 @@ class Trainer:
         self.skipped = 0
         self.nonfinite_streak = 0
         self.log_path = self.output_dir / "log.jsonl"
+        self.validation = Validation(self) if config.data.val else None
 
     # ---- construction ----------------------------------------------------------------------------------------
     def _build_objective(self) -> None:
@@ -327,12 +329,13 @@ class Trainer:
         totals = dist.all_reduce_sum(torch.tensor([counts[k] for k in keys], dtype=torch.float64))
         return Counter(dict(zip(keys, (int(v) for v in totals.tolist()), strict=True)))
 
-    def forward_terms(self, batch: Batch, window: Counter) -> list[TermValue]:
-        """The window-normalised terms of one micro-batch with their graphs (a plain forward with capture)."""
+    def forward_terms(self, batch: Batch, window: Counter, grad: bool = True) -> list[TermValue]:
+        """The window-normalised terms of one micro-batch with their graphs (a plain forward with capture);
+        ``grad=False`` under ``torch.no_grad`` (validation)."""
         index = self.index_of(batch)
         teacher = self.teacher_signals(batch, index) if self.models.sources else {}
         positions = logit_positions(batch.labels)
-        with AttentionRecorder(self.models.student, self.objective.plan, grad=True) as recorder:
+        with AttentionRecorder(self.models.student, self.objective.plan, grad=grad) as recorder:
             recorder.start(index if self.objective.plan.tv_layers else None)
             out = self._student_forward(batch, positions, None)
             captured = recorder.collect()
@@ -525,6 +528,8 @@ class Trainer:
                 progress.update(record)
                 if self.step % self.config.run.save_every == 0 or self.step == self.total_steps:
                     last = self._save()
+                if self.validation is not None and self.validation.due(self.step):
+                    self._validate(writer)
         if writer is not None:
             writer.close()
         return TrainResult(self.step, self.skipped, self.output_dir, last, log, self.lengths)
@@ -672,8 +677,17 @@ class Trainer:
         """The student and the hidden-state projectors: every tensor the optimizer updates, under one root."""
         return torch.nn.ModuleDict({"student": self.models.student, "projectors": self.projectors})
 
-    def _save(self) -> Path:
-        path = self.output_dir / f"checkpoint-{self.step}"
+    def _validate(self, writer: Any) -> None:
+        """Evaluate on data.val, log the result, and keep the checkpoint as best/ when it is the best so far."""
+        record = {"step": self.step, **self.validation.evaluate()}
+        if self.rank == 0:
+            self._append_log(record, writer)
+        if self.validation.improved(record):
+            self._save(best=record)
+
+    def _save(self, best: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint-<step> (rotated), or with ``best`` (its validation record) best/ (kept apart)."""
+        path = self.output_dir / (ckpt.BEST if best is not None else f"checkpoint-{self.step}")
         model = self.config.model
         weights = None
         if self.sharded:  # collectives: every rank gathers, rank 0 writes
@@ -681,17 +695,15 @@ class Trainer:
             state = self._state(sharding.full_optimizer_state(self._trained(), self.optimizer))
         else:
             state = self._state(self.optimizer.state_dict())
-        if self.rank == 0:
+        save_dtype = ckpt.resolve_save_dtype(model.save_dtype, model.student, model.dtype)
+        config_text = run_record.config_text(self.config)
+        student, processor = self.models.student, self.models.processor
+        if self.rank == 0 and best is not None:
+            ckpt.save_best(self.output_dir, best, student, processor, state, weights, save_dtype, config_text)
+        elif self.rank == 0:
+            keep = self.config.run.keep_checkpoints
             ckpt.save_checkpoint(
-                self.output_dir,
-                self.step,
-                self.models.student,
-                self.models.processor,
-                state,
-                self.config.run.keep_checkpoints,
-                weights,
-                ckpt.resolve_save_dtype(model.save_dtype, model.student, model.dtype),
-                config_text=run_record.config_text(self.config),
+                self.output_dir, self.step, student, processor, state, keep, weights, save_dtype, config_text
             )
         dist.barrier()
         return path
@@ -740,6 +752,9 @@ class Trainer:
             record["step"] % self.config.run.log_every and record["step"] != self.total_steps
         ):
             return
+        self._append_log(record, writer)
+
+    def _append_log(self, record: dict[str, Any], writer: Any) -> None:
         with self.log_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
         if writer is not None:
