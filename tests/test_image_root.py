@@ -86,7 +86,7 @@ def test_training_uses_the_recorded_root(tmp_path, synth):
     data = tmp_path / "lists" / "train.jsonl"
     write_jsonl(read_jsonl(synth), data, image_root=synth.parent)
     config = load_config(
-        overrides=[f"data.train={data}", f"run.output_dir={tmp_path / 'run'}", "run.tensorboard=false"]
+        overrides=[f"data.train={data}", f"run.output_dir={tmp_path / 'run'}", "run.report_to=[]"]
     )
     trainer = Trainer(config)  # reads the data and collates every sample's layout
     assert trainer.collate.image_root == synth.parent.resolve()

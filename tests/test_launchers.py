@@ -20,7 +20,7 @@ TINY_RUN = [
     "optim.max_steps=1",
     "optim.grad_accum=1",
     "run.save_every=1",
-    "run.tensorboard=false",
+    "run.report_to=[]",
     "run.resume=false",
 ]
 

@@ -30,7 +30,7 @@ from drivekd.training.models import build_models
 from drivekd.training.precision import LowPrecisionWeightsError
 from drivekd.training.trainer import Trainer
 
-QUIET = ["run.tensorboard=false", "run.resume=false", "run.save_every=1000"]
+QUIET = ["run.report_to=[]", "run.resume=false", "run.save_every=1000"]
 MIXED = ["optim.mixed_precision=bf16", "model.gradient_checkpointing=true"]  # the paper presets' precision
 
 

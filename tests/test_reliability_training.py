@@ -38,7 +38,7 @@ from drivekd.training.trainer import Trainer
 pytestmark = pytest.mark.reliability
 
 RUN = [
-    "run.tensorboard=false",
+    "run.report_to=[]",
     "optim.max_steps=3",
     "optim.grad_accum=1",
     "run.save_every=1",

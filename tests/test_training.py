@@ -30,7 +30,7 @@ from drivekd.training.objective import Objective, TermValue
 from drivekd.training.recipes import build_recipe, resolve_layers
 from drivekd.training.trainer import Trainer, TrainingError
 
-QUIET = ["run.tensorboard=false", "run.resume=false", "run.save_every=1000"]
+QUIET = ["run.report_to=[]", "run.resume=false", "run.save_every=1000"]
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +246,7 @@ def test_reweighting_updates_weights_and_logs_everything(data, tmp_path):
         tmp_path,
         "optim.max_steps=2",
         "optim.grad_accum=1",
-        "run.tensorboard=true",
+        "run.report_to=[tensorboard]",
         "distill.recipe=planning",
         "reweight.lr=0.05",
     )
@@ -307,7 +307,7 @@ def _train_cli(data: Path, out: Path) -> subprocess.Popen:
         "optim.grad_accum=1",
         "run.save_every=1",
         "run.keep_checkpoints=10",
-        "run.tensorboard=false",
+        "run.report_to=[]",
         "distill.recipe=multi",
     ]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -399,7 +399,7 @@ DISTRIBUTED = [
     "optim.grad_accum=1",
     "run.save_every=1",
     "run.keep_checkpoints=5",
-    "run.tensorboard=false",
+    "run.report_to=[]",
     "distill.recipe=multi",
     "reweight.lr=0.05",
     "optim.lr=5e-3",

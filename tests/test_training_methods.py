@@ -38,7 +38,7 @@ from drivekd.training.config import load_config
 from drivekd.training.trainer import Trainer
 
 CAPS = ("perception", "reasoning", "planning")
-QUIET = ["run.tensorboard=false", "run.resume=false", "run.save_every=1000", "reweight.enabled=false"]
+QUIET = ["run.report_to=[]", "run.resume=false", "run.save_every=1000", "reweight.enabled=false"]
 CAPABILITY = ["gradients.grouping=capability", "data.sampler=per_capability"]
 
 CASES = {

@@ -4,6 +4,7 @@ budgets, evaluation on a val split with a kept best checkpoint, and experiment t
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from drivekd.training.config import ConfigError, load_config
 from drivekd.training.freeze import FreezeError
 from drivekd.training.trainer import Trainer
 
-QUIET = ["run.tensorboard=false", "run.resume=false", "run.save_every=1000", "optim.grad_accum=1"]
+QUIET = ["run.report_to=[]", "run.resume=false", "run.save_every=1000", "optim.grad_accum=1"]
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +155,55 @@ def test_an_unknown_best_metric_is_named_before_training(data, tmp_path):
         Trainer(
             _config(data, tmp_path / "run", f"data.val={val}", "distill.recipe=sft", "run.best_metric=val/kl")
         )
+
+
+def _wandb_history(run_file: Path) -> dict[int, dict[str, float]]:
+    """The history rows of an offline W&B run file by step: a W&B header, then LevelDB-log records (32 KiB blocks,
+    7-byte record headers: crc, length, kind 1 full / 2 first / 3 middle / 4 last) holding protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+
+    raw, pos, block, part, rows = run_file.read_bytes(), 7, 32768, b"", {}
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", raw[pos + 4 : pos + 7])
+        part, pos = part + raw[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                row = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+                rows[row["_step"]] = row
+    return rows
+
+
+def test_report_to_wandb_offline_holds_the_logged_scalars(data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")  # a dev extra (pyproject.toml), installed by .ci/run
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    config = _config(data, out, "optim.max_steps=2", "distill.recipe=sft", "run.report_to=[wandb]")
+    Trainer(config).train()
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and not (out / "tensorboard").exists()
+    history = _wandb_history(runs[0])
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert sorted(history) == [line["step"] for line in logged] == [1, 2]
+    for line in logged:
+        assert {k: v for k, v in line.items() if k != "step"} == pytest.approx(
+            {k: history[line["step"]][k] for k in line if k != "step"}
+        )
+
+
+def test_the_old_tensorboard_flag_reads_as_report_to_with_a_warning():
+    assert load_config().run.report_to == ["tensorboard"]
+    assert load_config(overrides=["run.report_to=[]"]).run.report_to == []
+    with pytest.warns(FutureWarning, match=r"run.tensorboard is replaced by run.report_to"):
+        assert load_config(overrides=["run.tensorboard=false"]).run.report_to == []
+    with pytest.raises(ConfigError, match=r"run.tensorboard and run.report_to"):
+        load_config(overrides=["run.tensorboard=true", "run.report_to=[wandb]"])

@@ -48,7 +48,7 @@ def lora_run(tmp_path_factory) -> tuple[Path, torch.Tensor, Path]:
             f"data.train={data}",
             f"run.output_dir={tmp / 'run'}",
             f"run.seed={SEED}",
-            "run.tensorboard=false",
+            "run.report_to=[]",
             "run.resume=false",
             "run.save_every=2",
             "optim.max_steps=2",

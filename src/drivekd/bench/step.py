@@ -153,7 +153,7 @@ def _trainer(variant: str, cfg: StepBenchConfig, workdir: Path) -> Any:
         f"optim.grad_accum={cfg.micro_steps if mixed else 1}",
         f"data.sampler={'mixed' if mixed else 'per_capability'}",
         f"gradients.grouping={'teacher' if cfg.mixed_only else settings.grouping}",
-        "run.tensorboard=false",
+        "run.report_to=[]",
         "run.resume=false",
         "reweight.enabled=false",
         f"gradients.refresh_every={cfg.refresh if settings.amortised else 1}",

@@ -8,6 +8,7 @@ are layer 0); ``None`` means the paper's choice for the model at hand (1, 1..pen
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -202,12 +203,35 @@ class RunConfig(_Section):
     # true: continue from the newest checkpoint in output_dir (refused when it is corrupt or incomplete);
     # latest_valid: from the newest valid one, naming those skipped; false: start afresh (refused over checkpoints)
     resume: bool | Literal["latest_valid"] = True
-    tensorboard: bool = True
+    # experiment trackers (training/tracking.py): tensorboard (<output_dir>/tensorboard), wandb, mlflow; [] for none
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"]
+    )
     eval_every: int = Field(50, ge=1)  # optimizer steps between evaluations on data.val (and after the last)
     eval_max_samples: int = Field(100, ge=1)  # the first N samples of data.val are evaluated
     # the validation metric best/ is kept by: lower is better, higher for an accuracy (val/mcq_accuracy)
     best_metric: str = "val/loss"
     fsdp: bool = False  # shard the student over the processes (FSDP2); otherwise replicate it (DDP)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tensorboard_flag(cls, values: Any) -> Any:
+        """The earlier ``run.tensorboard: true|false`` reads as ``report_to: [tensorboard]`` / ``[]``, with a warning
+        (run records written before report_to keep resuming)."""
+        if not isinstance(values, dict) or "tensorboard" not in values:
+            return values
+        values = dict(values)
+        flag = values.pop("tensorboard")
+        if "report_to" in values:
+            raise ValueError("run.tensorboard and run.report_to are both set: keep run.report_to only")
+        warnings.warn(
+            f"run.tensorboard is replaced by run.report_to: read run.tensorboard={str(flag).lower()} as "
+            f"run.report_to={'[tensorboard]' if flag else '[]'}; write that instead",
+            FutureWarning,
+            stacklevel=2,
+        )
+        values["report_to"] = ["tensorboard"] if flag else []
+        return values
 
 
 class TrainConfig(_Section):

@@ -29,7 +29,7 @@ RESUMABLE = frozenset(
         "run.log_every",
         "run.save_every",
         "run.keep_checkpoints",
-        "run.tensorboard",
+        "run.report_to",
         "run.eval_every",
         "run.resume",
         "run.output_dir",
@@ -41,12 +41,12 @@ class RunRecordError(DriveKDError):
     """The output folder holds another run (a different config, or checkpoints that would be overwritten)."""
 
 
-def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, dict):
         return {prefix.rstrip("."): tree}
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        out.update(_leaves(value, f"{prefix}{key}."))
+        out.update(leaves(value, f"{prefix}{key}."))
     return out
 
 
@@ -72,7 +72,7 @@ def _saved_tree(path: Path) -> dict[str, Any]:
 
 def differences(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Every dotted key whose value differs, with (saved, new); a key missing on one side is None there."""
-    old, now = _leaves(saved), _leaves(new)
+    old, now = leaves(saved), leaves(new)
     return {k: (old.get(k), now.get(k)) for k in sorted(old.keys() | now.keys()) if old.get(k) != now.get(k)}
 
 

@@ -72,6 +72,7 @@ from drivekd.training.recipes import Recipe, build_recipe, hidden_pairs, resolve
 from drivekd.training.sampling import CapabilitySampler, MixedSampler
 from drivekd.training.scaling import LossScale
 from drivekd.training.terms import logit_positions
+from drivekd.training.tracking import Trackers
 from drivekd.training.validation import Validation
 
 console = Console(stderr=True, soft_wrap=True)
@@ -516,7 +517,7 @@ class Trainer:
         self._maybe_resume()
         if self.rank == 0:
             run_record.write_record(self.config, self.record_changes, self.step)
-        writer = self._tensorboard()
+        trackers = self._trackers()
         log: list[dict[str, Any]] = []
         last = None
         with TrainProgress(self.total_steps, self.step, self.config.run.log_every, self.rank) as progress:
@@ -524,14 +525,14 @@ class Trainer:
             while self.step < self.total_steps:
                 record = self.train_step()
                 log.append(record)
-                self._write_log(record, writer)
+                self._write_log(record, trackers)
                 progress.update(record)
                 if self.step % self.config.run.save_every == 0 or self.step == self.total_steps:
                     last = self._save()
                 if self.validation is not None and self.validation.due(self.step):
-                    self._validate(writer)
-        if writer is not None:
-            writer.close()
+                    self._validate(trackers)
+        if trackers is not None:
+            trackers.finish()
         return TrainResult(self.step, self.skipped, self.output_dir, last, log, self.lengths)
 
     def _plan(self) -> str:
@@ -677,11 +678,11 @@ class Trainer:
         """The student and the hidden-state projectors: every tensor the optimizer updates, under one root."""
         return torch.nn.ModuleDict({"student": self.models.student, "projectors": self.projectors})
 
-    def _validate(self, writer: Any) -> None:
+    def _validate(self, trackers: Trackers | None) -> None:
         """Evaluate on data.val, log the result, and keep the checkpoint as best/ when it is the best so far."""
         record = {"step": self.step, **self.validation.evaluate()}
         if self.rank == 0:
-            self._append_log(record, writer)
+            self._append_log(record, trackers)
         if self.validation.improved(record):
             self._save(best=record)
 
@@ -740,27 +741,24 @@ class Trainer:
             ]
             self.log_path.write_text("".join(line + "\n" for line in kept))
 
-    def _tensorboard(self) -> Any:
-        if not self.config.run.tensorboard or self.rank != 0:
+    def _trackers(self) -> Trackers | None:
+        if not self.config.run.report_to or self.rank != 0:
             return None
-        from torch.utils.tensorboard import SummaryWriter
+        config = run_record.leaves(self.config.model_dump(mode="json"))
+        return Trackers(self.config.run.report_to, self.output_dir, config)
 
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
-
-    def _write_log(self, record: dict[str, Any], writer: Any) -> None:
+    def _write_log(self, record: dict[str, Any], trackers: Trackers | None) -> None:
         if self.rank != 0 or (
             record["step"] % self.config.run.log_every and record["step"] != self.total_steps
         ):
             return
-        self._append_log(record, writer)
+        self._append_log(record, trackers)
 
-    def _append_log(self, record: dict[str, Any], writer: Any) -> None:
+    def _append_log(self, record: dict[str, Any], trackers: Trackers | None) -> None:
         with self.log_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
-        if writer is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, int | float):
-                    writer.add_scalar(key, value, record["step"])
+        if trackers is not None:
+            trackers.log(record)
 
 
 def _logged_step(line: str) -> float:
