@@ -119,3 +119,16 @@ def test_quickstart_config_plans_the_documented_steps(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "planned 2 optimizer steps (optim.max_steps)"
     assert [line.split("  ")[0] for line in out[1:]] == ["step 1/2", "step 2/2"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_the_bar_with_per_term_losses_not_plain_lines():
+    stream = _Terminal()
+    _run(TrainProgress(total=3, start=0, log_every=1, rank=0, stream=stream), 3)
+    text = stream.getvalue()
+    assert "planned" in text and "ce 3  perception 2e-09  lr 4.90e-05" in text
+    assert not re.search(r"step \d/3 ", text)  # the bar's "3/3 steps", not the plain lines
