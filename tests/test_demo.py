@@ -15,9 +15,10 @@ from typer.testing import CliRunner
 
 from drivekd.cli import app
 from drivekd.data.schema import CAPABILITIES, read_jsonl
+from drivekd.demo import intervals
 from drivekd.demo.config import FULL, QUICK
-from drivekd.demo.methods import METHODS, TEACHER, train_overrides
-from drivekd.demo.report import Stat, capability_accuracy, run_scores, verdict
+from drivekd.demo.methods import METHODS, SINGLE_TEACHER, SINGLE_TEACHER_PARTS, TEACHER, train_overrides
+from drivekd.demo.report import Stat, by_capability, capability_accuracy, run_scores, verdict
 from drivekd.demo.teacher import read_manifest, shipped_teacher
 from drivekd.demo.workspace import Workspace, WorkspaceError
 from drivekd.evaluation import extract_choice
@@ -61,10 +62,14 @@ def _recomputed_accuracy(out: Path, predictions: Path) -> dict[str, float | None
 def test_quick_demo_reports_every_method(quick_demo):
     rows = _csv(quick_demo)
     readme = (quick_demo / "report" / "README.md").read_text()
-    assert set(rows) == {m.name for m in METHODS}
-    for method in METHODS:
-        assert f"| {method.name} |" in readme
-        assert rows[method.name]["seeds"] == "1"
+    assert set(rows) == {m.name for m in METHODS} | {SINGLE_TEACHER}
+    for name in rows:
+        assert f"| {name} |" in readme
+        assert rows[name]["seeds"] == "1"
+    for metric in ("judge", "mcq"):  # the single-teacher row: each capability from its own recipe
+        for capability, method in SINGLE_TEACHER_PARTS.items():
+            column = f"{metric}_{capability}_mean"
+            assert rows[SINGLE_TEACHER][column] == rows[method][column]
     for name in ("## Table 1", "## Table 4", "## Deployment", "## Pre-study", "## Training curves"):
         assert name in readme
 
@@ -118,6 +123,31 @@ def test_quick_demo_statement_matches_the_csv(quick_demo):
     assert f"multi-teacher {expected}" in statement and statement.count("multi-teacher ") == 1
     assert f"{multi:.2f}" in statement and f"{sft:.2f}" in statement
     assert statement in (quick_demo / "report" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_demo_intervals_agree_with_the_tables_and_head_the_report(quick_demo):
+    """The bootstrap estimates are Table 1's averages recomputed per question; the headline is the paired one."""
+    rows = _csv(quick_demo)
+    summary = json.loads((quick_demo / "report" / "summary.json").read_text())
+    readme = (quick_demo / "report" / "README.md").read_text()
+    for metric in ("judge", "mcq"):
+        table = summary["intervals"][metric]
+        for method, entry in table.items():
+            average = entry["average"]
+            assert average["estimate"] == pytest.approx(float(rows[method][f"{metric}_avg_mean"]), abs=1e-6)
+            assert average["low"] <= average["estimate"] <= average["high"]
+        paired = table["multi-agp"]["vs_reference"]
+        difference = float(rows["multi-agp"][f"{metric}_avg_mean"]) - float(rows["sft"][f"{metric}_avg_mean"])
+        assert paired["difference"]["estimate"] == pytest.approx(difference, abs=1e-6)
+        assert 0 < paired["p_value"] <= 1 and paired["seeds"] == len(QUICK.seeds)
+        assert "vs_reference" not in table["teacher"] and "vs_reference" not in table["sft"]
+    headline = summary["headline"]
+    assert readme.startswith(f"# Drive-KD demo report (quick)\n\n**{headline}**")
+    assert f"{paired['difference']['estimate']:+.2f}" in summary["mcq_headline"]
+    assert ("Multi-teacher (AGP) beat SFT" in headline) == (
+        summary["intervals"]["judge"]["multi-agp"]["vs_reference"]["difference"]["estimate"] > 0
+    )
 
 
 @pytest.mark.slow
@@ -176,6 +206,27 @@ def test_capability_accuracy_pools_reasoning_tasks():
     }
     accuracy = capability_accuracy(per_task)
     assert accuracy == {"perception": 25.0, "reasoning": 25.0, "planning": None, "avg": 25.0}
+
+
+def test_single_teacher_row_takes_each_capability_from_its_recipe():
+    def run(**values: float) -> dict[str, float]:
+        return {f"{m}_{c}": v for c, v in values.items() for m in ("judge", "mcq")}
+
+    parts = {
+        "perception": [run(perception=60.0, reasoning=1.0, planning=1.0)],
+        "reasoning": [run(perception=1.0, reasoning=30.0, planning=1.0)],
+        "planning": [run(perception=1.0, reasoning=1.0, planning=90.0)],
+    }
+    (row,) = by_capability(parts)
+    assert row["judge_perception"] == 60.0 and row["mcq_reasoning"] == 30.0 and row["judge_planning"] == 90.0
+    assert row["judge_avg"] == pytest.approx(60.0) and row["mcq_avg"] == pytest.approx(60.0)
+    questions = intervals.by_capability(
+        {"perception": [{"p": 1.0, "r": 0.0}], "reasoning": [{"p": 0.0, "r": 2.0}]},
+        {"p": "perception", "r": "reasoning", "x": "planning"},
+    )
+    assert questions == [{"p": 1.0, "r": 2.0}]
+    with pytest.raises(ValueError, match="numbers of seeds"):
+        by_capability({"perception": [{}], "reasoning": [{}, {}], "planning": [{}]})
 
 
 def test_run_scores_reads_judge_and_mcq():

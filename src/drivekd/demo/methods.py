@@ -81,6 +81,11 @@ METHODS: tuple[Method, ...] = (
     MULTI_AGP,
 )
 ABLATION = ("multi-none", "multi-g2", "multi-agp")  # the Table-4-style view
+# Table 1's "single-teacher" row, as in the paper: each capability's score is taken from the single-teacher recipe
+# trained on that capability's split (capability -> method name).
+SINGLE_TEACHER = "single-teacher"
+SINGLE_TEACHER_PARTS = {"perception": "perception", "reasoning": "reasoning", "planning": "planning"}
+TABLE1 = ("student (untrained)", "teacher", "sft", SINGLE_TEACHER, "multi-agp")
 DRIVELM_METHODS = ("teacher", "sft", "multi-agp")
 
 

@@ -16,13 +16,27 @@ from pathlib import Path
 from typing import Any
 
 from drivekd.data.schema import read_jsonl
+from drivekd.demo import intervals
 from drivekd.demo.config import DemoConfig
-from drivekd.demo.evaluate import SCORES
-from drivekd.demo.methods import ABLATION, DRIVELM_METHODS, METHODS, MULTI_AGP, SFT, TEACHER, Method, by_name
+from drivekd.demo.evaluate import PREDICTIONS, SCORES
+from drivekd.demo.methods import (
+    ABLATION,
+    DRIVELM_METHODS,
+    METHODS,
+    MULTI_AGP,
+    SFT,
+    SINGLE_TEACHER,
+    SINGLE_TEACHER_PARTS,
+    TABLE1,
+    TEACHER,
+    Method,
+    by_name,
+)
 from drivekd.demo.plots import scores_figure, training_figure
 from drivekd.demo.report import (
     AVG,
     METRIC_TITLES,
+    by_capability,
     markdown_table,
     method_rows,
     row_stat,
@@ -31,6 +45,7 @@ from drivekd.demo.report import (
 )
 from drivekd.demo.workspace import Workspace, write_json
 from drivekd.evaluation.inference import table_markdown
+from drivekd.evaluation.predictions import read_predictions
 from drivekd.evaluation.report import rows_csv
 from drivekd.training.config import DistillConfig, OptimConfig
 
@@ -42,6 +57,9 @@ class Published:
     folder: Path
     statement: str  # multi-teacher (AGP) vs SFT on the average judge score
     mcq_statement: str  # the same on the average MCQ accuracy
+    headline: (
+        str  # the paired-bootstrap sentence: did multi-teacher AGP beat SFT, by how much, with its interval
+    )
 
 
 def _scores(path: Path) -> dict[str, Any]:
@@ -74,6 +92,31 @@ def _training_logs(
             lines = source.read_text(encoding="utf-8").splitlines()
             logs[seed][method.name] = [json.loads(line) for line in lines if line.strip()]
     return logs
+
+
+def _intervals(
+    ws: Workspace, config: DemoConfig, per_run: Mapping[str, Mapping[str, Mapping[str, Any]]]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Judge and MCQ Avg. of every method with a 95% bootstrap interval and the paired difference from SFT."""
+    samples = list(read_jsonl(ws.split("test"), check_files=False))
+    capability = {s.id: s.capability for s in samples}
+    judge = {name: [intervals.judge_per_question(r) for r in runs.values()] for name, runs in per_run.items()}
+    mcq = {
+        m.name: [
+            intervals.mcq_per_question(
+                samples,
+                {k: r.prediction for k, r in read_predictions(ws.eval_dir(m, seed) / PREDICTIONS).items()},
+            )
+            for seed in _seeds(m, config)
+        ]
+        for m in METHODS
+    }
+    out = {}
+    for metric, values in (("judge", judge), ("mcq", mcq)):
+        parts = {c: values[m] for c, m in SINGLE_TEACHER_PARTS.items()}
+        values[SINGLE_TEACHER] = intervals.by_capability(parts, capability)
+        out[metric] = intervals.compare_with(values, capability, SFT.name)
+    return out
 
 
 def _settings_table(config: DemoConfig) -> str:
@@ -145,6 +188,7 @@ def publish(
         m.name: {str(seed): _scores(ws.eval_dir(m, seed)) for seed in _seeds(m, config)} for m in METHODS
     }
     numbers = {name: [run_scores(r) for r in runs.values()] for name, runs in per_run.items()}
+    numbers[SINGLE_TEACHER] = by_capability({c: numbers[m] for c, m in SINGLE_TEACHER_PARTS.items()})
     rows = method_rows(numbers)
     by_method = {row["method"]: row for row in rows}
     multi, sft = by_method[MULTI_AGP.name], by_method[SFT.name]
@@ -154,6 +198,21 @@ def publish(
     mcq_statement = verdict(
         row_stat(multi, "mcq", AVG), row_stat(sft, "mcq", AVG), what="average MCQ accuracy"
     )
+    cis = _intervals(ws, config, per_run)
+    headline = intervals.headline(
+        cis["judge"][MULTI_AGP.name],
+        label="Multi-teacher (AGP)",
+        reference="SFT",
+        what="the average judge score",
+        unit="points",
+    )
+    mcq_headline = intervals.headline(
+        cis["mcq"][MULTI_AGP.name],
+        label="Multi-teacher (AGP)",
+        reference="SFT",
+        what="the average MCQ accuracy",
+        unit="points",
+    )
     logs = _training_logs(ws, config, logs_dir)
     shutil.copyfile(ws.logs / "timings.jsonl", logs_dir / "timings.jsonl")
     scores_figure(rows, "judge", out / "scores.png")
@@ -162,14 +221,18 @@ def publish(
     (out / "results.csv").write_text(rows_csv(rows, "method"), encoding="utf-8")
     prestudy = json.loads((ws.prestudy / "metrics.json").read_text(encoding="utf-8"))
     summary = {
+        "headline": headline,
+        "mcq_headline": mcq_headline,
         "statement": statement,
         "mcq_statement": mcq_statement,
+        "intervals": cis,
         "config": config.to_json(),
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_seconds": wall_seconds,
         "resumed": resumed,
         "methods": rows,
         "per_run": {name: dict(zip(runs, numbers[name], strict=True)) for name, runs in per_run.items()},
+        "single_teacher": {"row": SINGLE_TEACHER, "parts": SINGLE_TEACHER_PARTS},
         "drivelm": _drivelm_rows(ws, config) if drivelm else None,
         "deployment": deployment,
         "prestudy": {"recommended_layers": prestudy["recommended_layers"], "data": prestudy["data"]},
@@ -179,7 +242,7 @@ def publish(
     }
     write_json(out / "summary.json", summary)
     (out / "README.md").write_text(_readme(config, summary), encoding="utf-8")
-    return Published(out, statement, mcq_statement)
+    return Published(out, statement, mcq_statement, headline)
 
 
 def _drivelm_rows(ws: Workspace, config: DemoConfig) -> list[dict[str, Any]]:
@@ -198,6 +261,8 @@ def _readme(config: DemoConfig, summary: Mapping[str, Any]) -> str:
     rows = summary["methods"]
     deployment, teacher = summary["deployment"], summary["teacher"]
     ablation = [r for r in rows if r["method"] in (SFT.name, *ABLATION)]
+    table1 = [next(r for r in rows if r["method"] == name) for name in TABLE1]
+    others = [r for r in rows if r["method"] not in TABLE1]
     teacher_scores = teacher["test_scores"]
     recommended = summary["prestudy"]["recommended_layers"]
     wall = f"wall time {summary['wall_seconds'] / 60:.1f} min"
@@ -205,8 +270,9 @@ def _readme(config: DemoConfig, summary: Mapping[str, Any]) -> str:
         wall += " for this invocation, which resumed an earlier one and reused its finished stages"
     parts = [
         f"# Drive-KD demo report ({config.preset})\n",
-        f"**{summary['statement']}**\n",
-        f"{summary['mcq_statement']}\n",
+        f"**{summary['headline']}**\n",
+        f"{summary['mcq_headline']}\n",
+        f"Across seeds: {summary['statement']} {summary['mcq_statement']}\n",
         f"Made by `drivekd demo{' --quick' if config.preset == 'quick' else ''}` on {summary['made'][:10]} "
         f"({deployment['device']}, torch {deployment['torch']}); {wall}. Every number below is read from the "
         "files of this run.\n",
@@ -226,12 +292,25 @@ def _readme(config: DemoConfig, summary: Mapping[str, Any]) -> str:
         "Each value is one run's mean over the judge's "
         f"{config.judge_runs} gradings; the offline grader is deterministic, so the run-to-run std of eq. 29 "
         "(`judge_run_std_mean` in results.csv) is 0 and the ± here is the spread across training seeds.\n",
-        markdown_table(rows, "judge", extra=("mcq",)),
+        f"`{SINGLE_TEACHER}` is the paper's single-teacher row: each capability's score comes from the "
+        "single-teacher recipe trained on that capability's split (perception, reasoning, planning below), and "
+        "its Avg. is their mean.\n\n",
+        markdown_table(table1, "judge", extra=("mcq",)),
         f"\n### {METRIC_TITLES['mcq']}\n",
         "Strict letter extraction; reasoning pools prediction and behavior; Avg. is the mean of the three. A model "
         "that always answers with the same letter scores the share of questions whose answer is that letter "
         "(about 25% for four options).\n",
-        markdown_table(rows, "mcq"),
+        markdown_table(table1, "mcq"),
+        "\n### The other methods (every capability scored)\n",
+        markdown_table(others, "judge", extra=("mcq",)),
+        "\n## 95% confidence intervals and paired comparisons with SFT\n",
+        "Bootstrap over test questions (resampled within each capability) and training seeds "
+        "(`drivekd.evaluation.bootstrap`); each method is compared with SFT on the same questions and seeds "
+        "(paired), with the two-sided p-value of no difference. The teacher has one run, so it is not paired.\n",
+        f"\n### {METRIC_TITLES['judge']}\n",
+        intervals.markdown(summary["intervals"]["judge"], "SFT", "points"),
+        f"\n### {METRIC_TITLES['mcq']}\n",
+        intervals.markdown(summary["intervals"]["mcq"], "SFT", "points"),
         "\n## Table 4: multi-teacher gradient combination (ablation)\n",
         markdown_table(ablation, "judge", extra=("mcq",)),
         "\n![judge scores per method](scores.png)\n",

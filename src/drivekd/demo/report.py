@@ -38,6 +38,26 @@ def capability_accuracy(per_task: Mapping[str, Mapping[str, Any]]) -> dict[str, 
     return out
 
 
+def by_capability(
+    parts: Mapping[str, Sequence[Mapping[str, float | None]]],
+) -> list[dict[str, float | None]]:
+    """Per seed, one run's numbers assembled from ``parts`` (capability -> that method's per-seed numbers): each
+    ``<metric>_<capability>`` from its capability's method, and the Avg. as their mean (Table 1's single-teacher
+    row, each recipe scored on its own capability)."""
+    seeds = {len(runs) for runs in parts.values()}
+    if len(seeds) != 1:
+        raise ValueError(f"the parts have different numbers of seeds: {sorted(seeds)}")
+    out = []
+    for i in range(seeds.pop()):
+        run: dict[str, float | None] = {}
+        for metric in METRICS:
+            values = [parts[c][i].get(f"{metric}_{c}") for c in CAPABILITIES]
+            run.update({f"{metric}_{c}": v for c, v in zip(CAPABILITIES, values, strict=True)})
+            run[f"{metric}_{AVG}"] = None if None in values else sum(values) / len(values)  # type: ignore[arg-type]
+        out.append(run)
+    return out
+
+
 def run_scores(report: Mapping[str, Any]) -> dict[str, float | None]:
     """One model's numbers from its score report: ``judge_<column>``, ``mcq_<column>`` and ``judge_run_std`` (the
     eq. 29 std of the average over the judge's runs)."""

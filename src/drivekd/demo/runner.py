@@ -276,4 +276,4 @@ def run_demo(
         ws.logs.mkdir(parents=True, exist_ok=True)
         console.save_text(str(ws.logs / "demo.log"))
     shutil.copyfile(ws.logs / "demo.log", ws.report / "logs" / "demo.log")
-    return DemoResult(published.folder, published.statement, time.perf_counter() - started)
+    return DemoResult(published.folder, published.headline, time.perf_counter() - started)
