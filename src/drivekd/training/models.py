@@ -19,6 +19,7 @@ from drivekd.models.families import FamilyAdapter, check_model_source, get_famil
 from drivekd.models.pair import ModelPair, build_tiny_pair
 from drivekd.signals.live import LiveTeacher
 from drivekd.signals.types import TeacherSource
+from drivekd.training import distributed as dist
 from drivekd.training.config import CAPABILITIES, TrainConfig
 from drivekd.training.freeze import freeze
 
@@ -106,7 +107,8 @@ def build_models(config: TrainConfig, device: torch.device | str | None = None) 
         )
     if config.model.freeze:
         frozen = freeze(student, config.model.freeze, family)
-        console.print(frozen.summary(sum(p.numel() for p in student.parameters())))
+        if dist.rank_and_world()[0] == 0:
+            console.print(frozen.summary(sum(p.numel() for p in student.parameters())))
     models = Models(family, student, processor)
     if config.distill.recipe == "sft":
         return models
