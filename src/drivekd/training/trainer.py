@@ -125,14 +125,15 @@ class Trainer:
         # Before anything loads: another run in output_dir, and which checkpoint (if any) is resumed.
         self.record_changes = run_record.check_output_dir(config)
         self.resume_from, skipped = ckpt.resume_point(self.output_dir, config.run.resume)
-        for checkpoint, why in skipped:
-            console.print(f"[yellow]warning:[/yellow] skipping {escape(str(checkpoint))}: {escape(why)}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.run.seed)
         self.models = models or build_models(config)
         self.device = next(self.models.student.parameters()).device
         self.family: FamilyAdapter = self.models.family
-        self.rank, self.world = dist.rank_and_world()
+        self.rank, self.world = dist.rank_and_world()  # known once the models joined the process group
+        if self.rank == 0:
+            for checkpoint, why in skipped:
+                console.print(f"[yellow]warning:[/yellow] skipping {escape(str(checkpoint))}: {escape(why)}")
         self._build_objective()
         self._prepare_student()
         self.collate = VLMCollator(
@@ -294,7 +295,7 @@ class Trainer:
             setting="data.max_length",
             skip="data.overlong=skip",
         )
-        if report.summary():
+        if report.summary() and self.rank == 0:
             console.print(f"[yellow]warning:[/yellow] {escape(report.summary() or '')} (data.overlong=skip)")
         if not kept:
             raise TrainingError(
