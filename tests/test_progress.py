@@ -91,7 +91,7 @@ def test_tiny_training_prints_planned_steps_and_progress_lines(tmp_path, capsys)
             "optim.max_steps=4",
             "optim.grad_accum=1",
             "run.log_every=2",
-            "run.tensorboard=false",
+            "run.report_to=[]",
             "run.resume=false",
             "run.save_every=1000",
         ]

@@ -121,7 +121,7 @@ def run_overrides(
         f"run.seed={seed}",
         f"run.save_every={settings.steps}",
         "run.keep_checkpoints=1",
-        "run.tensorboard=false",
+        "run.report_to=[]",
     ]
 
 
