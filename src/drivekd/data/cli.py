@@ -312,7 +312,11 @@ def synth_cmd(
     test: Annotated[int, typer.Option(help="Scenes in the test split.")] = 40,
     views: Annotated[str, typer.Option(help="single (front view), multi (six cameras) or both")] = "both",
     domain: Annotated[
-        str, typer.Option(help="driving, or general (plain shapes, for the pre-study)")
+        str,
+        typer.Option(
+            help="driving, general (plain shapes, for the pre-study) or describe (open-ended descriptions of "
+            "driving scenes: the demo's base student's pretraining task)"
+        ),
     ] = "driving",
     # The demo teacher's training size (drivekd.data.synthetic.generate.DEFAULT_SIZE; not imported, to keep the
     # command line's start-up light).
@@ -327,10 +331,10 @@ def synth_cmd(
     from drivekd.data.synthetic import generate_dataset
 
     counts = {"train": train, "val": val, "test": test}
-    if views not in ("single", "multi", "both") or domain not in ("driving", "general"):
+    if views not in ("single", "multi", "both") or domain not in ("driving", "general", "describe"):
         raise _fail(
             ValueError(
-                f"--views must be single|multi|both and --domain driving|general, got {views}, {domain}"
+                f"--views must be single|multi|both and --domain driving|general|describe, got {views}, {domain}"
             )
         )
     if min(counts.values()) < 0 or sum(counts.values()) == 0 or min(width, height) < 1:

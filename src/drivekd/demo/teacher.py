@@ -21,11 +21,11 @@ import subprocess
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import transformers
@@ -36,7 +36,7 @@ from drivekd.data.schema import Sample, read_jsonl
 from drivekd.data.synthetic import generate_split
 from drivekd.demo.config import DemoConfig
 from drivekd.demo.evaluate import PREDICTIONS, evaluate_model, judge_config, offline_judge
-from drivekd.demo.methods import run_overrides
+from drivekd.demo.methods import RunSettings, run_overrides
 from drivekd.demo.workspace import WorkspaceError, write_json
 from drivekd.evaluation import extract_choice
 from drivekd.evaluation.choices import extract_yes_no
@@ -98,16 +98,24 @@ class TeacherRecipe:
 
     @property
     def size(self) -> TinySize:
-        return TinySize(
-            hidden=self.hidden,
-            layers=self.layers,
-            heads=self.heads,
-            kv_heads=self.kv_heads,
-            intermediate=self.intermediate,
-            vision_hidden=self.vision_hidden,
-            vision_depth=self.vision_depth,
-            vision_heads=self.vision_heads,
-        )
+        return tiny_size(self)
+
+
+class MadeRecipe(RunSettings, Protocol):
+    """What :func:`train_sft` reads of the recipe of a shipped demo model (the teacher's, the base student's)."""
+
+    seed: int
+    checkpoint_every: int
+    train_minutes: float | None
+
+
+def tiny_size(recipe: Any) -> TinySize:
+    """The model shape a recipe names in its fields of :class:`TinySize`'s names."""
+    return TinySize(**{f.name: getattr(recipe, f.name) for f in fields(TinySize)})
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def shipped_teacher() -> Path:
@@ -172,25 +180,35 @@ class _BudgetedTrainer(Trainer):
         return record
 
 
-def _train(
-    recipe: TeacherRecipe, train: Path, output_dir: Path
-) -> tuple[PreTrainedModel, ProcessorMixin, Path, int, float]:
-    """SFT of the teacher with the training loop (passed as the trained model), resuming from the newest
-    checkpoint in ``output_dir``; returns the model, its processor, the final checkpoint, the steps done and the
-    training seconds (over every resumed run)."""
-    pair = build_tiny_pair(recipe.family, teacher=recipe.size, image_size=recipe.image_size, seed=recipe.seed)
+def train_sft(
+    models: Models, recipe: MadeRecipe, train: Path, output_dir: Path, *, extra: Sequence[str] = ()
+) -> tuple[Path, int, float]:
+    """SFT of ``models.student`` (trained in place) on ``train`` with the training loop, checkpointing every
+    ``recipe.checkpoint_every`` steps and resuming from the newest checkpoint in ``output_dir``; ``extra`` are more
+    config overrides. Returns the final checkpoint, the steps done and the training seconds (over every resumed
+    run)."""
     overrides = run_overrides(recipe, recipe="sft", train=train, seed=recipe.seed, output_dir=output_dir)
     checkpoints = [f"run.save_every={recipe.checkpoint_every}", "run.log_every=1", "run.resume=true"]
-    config = load_config(None, [*overrides, *checkpoints])
+    config = load_config(None, [*overrides, *checkpoints, *extra])
     budget = None if recipe.train_minutes is None else 60 * recipe.train_minutes
-    models = Models(pair.family, pair.teacher.train(), pair.teacher_processor)
     trainer = _BudgetedTrainer(config, models=models, budget_seconds=budget)
     result = trainer.train()
     checkpoint = result.checkpoint or trainer.resume_from  # a rerun of a finished run trains no step
     if checkpoint is None:
-        raise WorkspaceError(f"the teacher's training in {output_dir} wrote no checkpoint")
+        raise WorkspaceError(f"the training in {output_dir} wrote no checkpoint")
     spent = trainer.logged_seconds() if trainer.spent is None else trainer.spent
-    return pair.teacher, pair.teacher_processor, Path(checkpoint), result.steps, spent
+    return Path(checkpoint), result.steps, spent
+
+
+def _train(
+    recipe: TeacherRecipe, train: Path, output_dir: Path
+) -> tuple[PreTrainedModel, ProcessorMixin, Path, int, float]:
+    """SFT of the teacher (:func:`train_sft`); returns the model, its processor, the final checkpoint, the steps
+    done and the training seconds."""
+    pair = build_tiny_pair(recipe.family, teacher=recipe.size, image_size=recipe.image_size, seed=recipe.seed)
+    models = Models(pair.family, pair.teacher.train(), pair.teacher_processor)
+    checkpoint, steps, spent = train_sft(models, recipe, train, output_dir)
+    return pair.teacher, pair.teacher_processor, checkpoint, steps, spent
 
 
 def blank_images(samples: Sequence[Sample], image_root: Path, out: Path) -> Path:
@@ -305,7 +323,7 @@ def measure(
     }
 
 
-def _commit() -> str | None:
+def checkout_commit() -> str | None:
     """The commit of the checkout that runs this (None outside a git checkout)."""
     try:
         head = subprocess.run(
@@ -327,13 +345,33 @@ def _commit() -> str | None:
     return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
+def refuse_used_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise WorkspaceError(f"{out} exists and is not an empty folder; remove it or choose another --out")
+
+
+def write_half_precision(model: PreTrainedModel, checkpoint: Path, out: Path) -> None:
+    """The trained model in ``out``: the checkpoint's files (config, processor), the weights in float16 (the
+    shipped copy stays small)."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(checkpoint / "student", out, dirs_exist_ok=True)
+    model.to(torch.float16).save_pretrained(out)
+
+
+def versions() -> dict[str, str]:
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
 def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) -> dict[str, Any]:
     """Train, measure and write the teacher to ``out`` (which must not exist or be empty); returns the manifest.
     Rerun with the same ``work`` folder to resume an interrupted training run."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise WorkspaceError(f"{out} exists and is not an empty folder; remove it or choose another --out")
+    refuse_used_out(out)
     torch.set_num_threads(recipe.threads)
-    commit = _commit()
+    commit = checkout_commit()
     started = time.perf_counter()
     data = work / "data"
     train = generate_split(
@@ -358,9 +396,7 @@ def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) 
         max_new_tokens=recipe.max_new_tokens,
         judge_runs=recipe.judge_runs,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copytree(checkpoint / "student", out, dirs_exist_ok=True)
-    model.to(torch.float16).save_pretrained(out)  # half precision: the shipped copy stays small
+    write_half_precision(model, checkpoint, out)
     manifest = {
         "what": "tiny Drive-KD demo teacher: SFT of a tiny Qwen2.5-VL-architecture teacher on the synthetic driving set",
         "command": command,
@@ -384,7 +420,7 @@ def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) 
                 "yes/no": accept.by_kind["yes/no"],
             },
         },
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": parameter_count(model),
         "dtype": "float16",
         "steps_done": steps,
         "stopped_by_time_budget": steps < recipe.steps,
@@ -394,11 +430,7 @@ def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) 
         "wall_seconds_last_run": round(time.perf_counter() - started, 1),
         "device": f"CPU, {recipe.threads} thread(s)",
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "sha256": {WEIGHTS: fingerprint(out)},
     }
     write_json(out / MANIFEST, manifest)

@@ -3,14 +3,15 @@ rows.
 
 Each scene draws from its own ``random.Random`` keyed by domain, split, seed and index, so a run is
 byte-identical for a given seed, splits never share a scene stream, and any scene can be regenerated alone. A
-driving scene is rendered once and asked every question type once per view setting.
+driving scene is rendered once and asked every question type once per view setting; a describe scene (the same
+world, the base student's pretraining task) is rendered alike and asked for its descriptions.
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -19,12 +20,20 @@ from PIL import Image
 
 from drivekd.data.cameras import CAMERAS
 from drivekd.data.schema import TASK_TO_CAPABILITY, ImageRef, Sample, write_jsonl
+from drivekd.data.synthetic.describe import ask_describe
 from drivekd.data.synthetic.questions import QA, QUESTION_TYPES, SceneViews, ask_driving, ask_general
 from drivekd.data.synthetic.render import render_shapes, render_views
-from drivekd.data.synthetic.scene import sample_scene, sample_shapes
+from drivekd.data.synthetic.scene import Scene, sample_scene, sample_shapes
 
 Views = Literal["single", "multi", "both"]
-Domain = Literal["driving", "general"]
+Domain = Literal["driving", "general", "describe"]
+DOMAINS: tuple[Domain, ...] = ("driving", "general", "describe")
+# Domains of driving scenes: rendered alike, asked their own questions (describe: the base student's pretraining).
+SCENE_ASKERS: dict[str, Callable[[Scene, SceneViews, random.Random], list[QA]]] = {
+    "driving": ask_driving,
+    "describe": ask_describe,
+}
+SCENE_PREFIX = {"driving": "synth", "describe": "describe"}
 ImageFormat = Literal["png", "jpg"]
 DEFAULT_SIZE = (224, 112)  # the demo teacher's size: 8 x 4 vision tokens of 28 x 28 pixels per camera
 SPLIT_SHARES = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -67,13 +76,13 @@ def _save(image: Image.Image, out_dir: Path, rel: Path) -> str:
 
 
 def _sample(qa: QA, sample_id: str, images: list[ImageRef], scene_id: str, domain: str, views: str) -> Sample:
-    task = "perception" if domain == "general" else QUESTION_TYPES[qa.question_type]
+    task = QUESTION_TYPES[qa.question_type] if domain == "driving" else "perception"
     return Sample(
         id=sample_id,
         images=images,
         question=qa.question,
         answer=qa.answer,
-        rationale=qa.rationale,
+        rationale=qa.rationale or None,
         capability=TASK_TO_CAPABILITY[task],
         task=task,
         kind=qa.kind,
@@ -94,12 +103,14 @@ def _driving(
     size: tuple[int, int],
     ext: str,
     summary: SplitSummary,
+    domain: str = "driving",
 ) -> Iterator[Sample]:
-    rng = _scene_rng("driving", split, seed, index)
-    scene_id = f"synth-{split}-{seed}-{index:06d}"
+    """A driving scene rendered into the views and asked ``domain``'s questions once per view setting."""
+    rng = _scene_rng(domain, split, seed, index)
+    scene_id = f"{SCENE_PREFIX[domain]}-{split}-{seed}-{index:06d}"
     scene = sample_scene(rng, scene_id)
     rendered = render_views(scene, ("CAM_FRONT",) if views == "single" else CAMERAS, size)
-    folder = Path("images") / split / f"{index:06d}"
+    folder = Path("images") / split / (f"{index:06d}" if domain == "driving" else f"{domain}-{index:06d}")
     refs = {
         v.camera: ImageRef(camera=v.camera, path=_save(v.image, out_dir, folder / f"{v.camera}.{ext}"))
         for v in rendered
@@ -109,8 +120,8 @@ def _driving(
         cams = ("CAM_FRONT",) if setting == "single" else CAMERAS
         seen = SceneViews.of(setting, [v for v in rendered if v.camera in cams])
         images = [refs[c] for c in cams]
-        for k, qa in enumerate(ask_driving(scene, seen, rng)):
-            yield _sample(qa, f"{scene_id}-{setting}-{k:02d}", images, scene_id, "driving", setting)
+        for k, qa in enumerate(SCENE_ASKERS[domain](scene, seen, rng)):
+            yield _sample(qa, f"{scene_id}-{setting}-{k:02d}", images, scene_id, domain, setting)
 
 
 def _general(
@@ -140,15 +151,17 @@ def generate_split(
     """Generate ``n_scenes`` scenes into ``out_dir/images/<split>/`` and ``out_dir/<split>.jsonl``.
 
     ``views`` picks the CAM_FRONT-only setting, the six-camera setting, or both from the same rendering.
-    The general domain (plain coloured shapes, ``meta["domain"] == "general"``) ignores ``views``. Image paths
+    The general domain (plain coloured shapes, ``meta["domain"] == "general"``) ignores ``views``; the describe
+    domain renders driving scenes as the driving domain does and asks for open-ended descriptions of them
+    (:mod:`~drivekd.data.synthetic.describe`; a scene stream of its own for any seed and split). Image paths
     are relative to ``out_dir``, the folder :func:`~drivekd.data.schema.read_jsonl` resolves them against.
     """
     if n_scenes < 0:
         raise ValueError(f"n_scenes must be >= 0, got {n_scenes}")
     if views not in ("single", "multi", "both"):
         raise ValueError(f"views must be 'single', 'multi' or 'both', got {views!r}")
-    if domain not in ("driving", "general"):
-        raise ValueError(f"domain must be 'driving' or 'general', got {domain!r}")
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
     out_dir = Path(out_dir)
     summary = SplitSummary(split, out_dir / f"{split}.jsonl")
     ext = "jpg" if image_format == "jpg" else "png"
@@ -159,7 +172,7 @@ def generate_split(
             if domain == "general":
                 scene_samples = _general(out_dir, split, seed, index, image_size, ext, summary)
             else:
-                scene_samples = _driving(out_dir, split, seed, index, views, image_size, ext, summary)
+                scene_samples = _driving(out_dir, split, seed, index, views, image_size, ext, summary, domain)
             for sample in scene_samples:
                 summary.count(sample)
                 yield sample
