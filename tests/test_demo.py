@@ -84,7 +84,10 @@ def _markdown_rows(out: Path, heading: str) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_quick_demo_mcq_accuracy_matches_the_prediction_files(quick_demo):
     rows = _csv(quick_demo)
-    table = _markdown_rows(quick_demo, "### MCQ accuracy, strict (%)")
+    table = {
+        **_markdown_rows(quick_demo, "### MCQ accuracy, strict (%)"),
+        **_markdown_rows(quick_demo, "### The other methods: MCQ accuracy, strict (%)"),
+    }
     for method in METHODS:
         folder = quick_demo / "eval" / "test" / method.slug
         predictions = (
@@ -111,7 +114,10 @@ def test_quick_demo_judges_five_runs_with_std(quick_demo):
     summary = json.loads((quick_demo / "report" / "summary.json").read_text())
     for runs in summary["per_run"].values():
         assert all(run["judge_run_std"] is not None for run in runs.values())
-    assert all(row["judge_run_std_mean"] is not None for row in summary["methods"])
+    # every evaluated model (the single-teacher row is assembled from three of them)
+    assert all(
+        row["judge_run_std_mean"] is not None for row in summary["methods"] if row["method"] != SINGLE_TEACHER
+    )
 
 
 @pytest.mark.slow

@@ -62,10 +62,12 @@ def compare_with(
     capability: Mapping[str, str],
     reference: str,
     *,
+    unpaired: tuple[str, ...] = (),
     resamples: int = RESAMPLES,
 ) -> dict[str, dict[str, Any]]:
-    """Per method: its Avg. with a 95% interval, and (for methods with as many seeds as ``reference``) the paired
-    difference from ``reference`` with its interval and p-value, each on the questions both scored in every seed."""
+    """Per method: its Avg. with a 95% interval, and (for methods with as many seeds as ``reference``, except
+    ``unpaired`` ones such as a teacher that has no seeds) the paired difference from ``reference`` with its
+    interval and p-value, each on the questions both scored in every seed."""
     out: dict[str, dict[str, Any]] = {}
     base = per_method[reference]
     for name, runs in per_method.items():
@@ -75,7 +77,7 @@ def compare_with(
             "questions": len(ids),
             "seeds": len(runs),
         }
-        if name != reference and len(runs) == len(base):
+        if name != reference and name not in unpaired and len(runs) == len(base):
             (a, b), groups, ids = score_matrices([runs, base], capability)
             entry["vs_reference"] = _comparison_json(paired_bootstrap(a, b, groups, resamples=resamples))
         out[name] = entry
@@ -98,7 +100,9 @@ def headline(entry: Mapping[str, Any], *, label: str, reference: str, what: str,
     if paired is None:
         return f"{label} vs {reference} on {what}: no paired comparison (different seeds)."
     d = paired["difference"]
-    outcome = "beat" if d["estimate"] > 0 else "did not beat"
+    outcome = (
+        "beat" if d["estimate"] > 0 else "tied with (did not beat)" if d["estimate"] == 0 else "did not beat"
+    )
     clear = d["low"] > 0 or d["high"] < 0
     return (
         f"{label} {outcome} {reference} on {what}: {d['estimate']:+.2f} {unit} (95% CI [{d['low']:+.2f}, "

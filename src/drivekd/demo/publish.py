@@ -115,7 +115,7 @@ def _intervals(
     for metric, values in (("judge", judge), ("mcq", mcq)):
         parts = {c: values[m] for c, m in SINGLE_TEACHER_PARTS.items()}
         values[SINGLE_TEACHER] = intervals.by_capability(parts, capability)
-        out[metric] = intervals.compare_with(values, capability, SFT.name)
+        out[metric] = intervals.compare_with(values, capability, SFT.name, unpaired=(TEACHER.name,))
     return out
 
 
@@ -199,19 +199,15 @@ def publish(
         row_stat(multi, "mcq", AVG), row_stat(sft, "mcq", AVG), what="average MCQ accuracy"
     )
     cis = _intervals(ws, config, per_run)
-    headline = intervals.headline(
-        cis["judge"][MULTI_AGP.name],
-        label="Multi-teacher (AGP)",
-        reference="SFT",
-        what="the average judge score",
-        unit="points",
-    )
-    mcq_headline = intervals.headline(
-        cis["mcq"][MULTI_AGP.name],
-        label="Multi-teacher (AGP)",
-        reference="SFT",
-        what="the average MCQ accuracy",
-        unit="points",
+    headline, mcq_headline = (
+        intervals.headline(
+            cis[metric][MULTI_AGP.name],
+            label="Multi-teacher (AGP)",
+            reference="SFT",
+            what=what,
+            unit="points",
+        )
+        for metric, what in (("judge", "the average judge score"), ("mcq", "the average MCQ accuracy"))
     )
     logs = _training_logs(ws, config, logs_dir)
     shutil.copyfile(ws.logs / "timings.jsonl", logs_dir / "timings.jsonl")
@@ -301,12 +297,16 @@ def _readme(config: DemoConfig, summary: Mapping[str, Any]) -> str:
         "that always answers with the same letter scores the share of questions whose answer is that letter "
         "(about 25% for four options).\n",
         markdown_table(table1, "mcq"),
-        "\n### The other methods (every capability scored)\n",
+        f"\n### The other methods: {METRIC_TITLES['judge']}\n",
+        "Every capability scored, whatever split the method trained on.\n\n",
         markdown_table(others, "judge", extra=("mcq",)),
+        f"\n### The other methods: {METRIC_TITLES['mcq']}\n",
+        markdown_table(others, "mcq"),
         "\n## 95% confidence intervals and paired comparisons with SFT\n",
         "Bootstrap over test questions (resampled within each capability) and training seeds "
         "(`drivekd.evaluation.bootstrap`); each method is compared with SFT on the same questions and seeds "
-        "(paired), with the two-sided p-value of no difference. The teacher has one run, so it is not paired.\n",
+        "(paired), with the two-sided p-value of no difference. The teacher has no training seed, so it is not "
+        "paired.\n",
         f"\n### {METRIC_TITLES['judge']}\n",
         intervals.markdown(summary["intervals"]["judge"], "SFT", "points"),
         f"\n### {METRIC_TITLES['mcq']}\n",
