@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -25,8 +25,9 @@ from drivekd.demo.student_base import (
     build_student,
     make_student_base,
     shape_against_teacher,
+    shipped_student_base,
 )
-from drivekd.demo.teacher import TeacherRecipe
+from drivekd.demo.teacher import TeacherRecipe, fingerprint, parameter_count
 from drivekd.models.pair import load_spec
 
 
@@ -143,3 +144,16 @@ def test_make_student_base_refuses_a_used_out_folder(tmp_path: Path) -> None:
     (tmp_path / "out" / "file").write_text("x")
     result = CliRunner().invoke(app, ["demo", "make-student-base", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "not an empty folder" in result.output
+
+
+def test_shipped_base_student_is_small_documented_and_pretrained() -> None:
+    folder = shipped_student_base()
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert manifest["command"].startswith("drivekd demo make-student-base")
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 10 * 2**20
+    assert manifest["recipe"] == json.loads(json.dumps(asdict(StudentBaseRecipe())))
+    assert manifest["sha256"]["model.safetensors"] == fingerprint(folder)
+    assert manifest["heldout_after"]["loss"] < manifest["heldout_before"]["loss"] / 4
+    assert manifest["teacher_parameters"] == parameter_count(
+        build_student(StudentBaseRecipe(), TeacherRecipe()).teacher
+    )
