@@ -96,6 +96,27 @@ def test_capture_benchmark_reports_ratios_for_every_variant():
         assert result["vision_tokens"] == 16 and result["length"] == micro.length
 
 
+def test_measure_counts_cpu_time_not_waiting():
+    """A worker that waits (for a core, or here in sleep) accrues wall time but no CPU time; busy work accrues both."""
+    import time
+
+    import torch
+
+    from drivekd.bench.measure import measure
+
+    cpu = torch.device("cpu")
+    waited = measure(lambda: time.sleep(0.3), cpu)
+    assert waited.seconds >= 0.3 and waited.cpu_seconds < 0.1
+
+    def busy() -> None:
+        end = time.process_time() + 0.3
+        while time.process_time() < end:
+            pass
+
+    worked = measure(busy, cpu)
+    assert worked.cpu_seconds >= 0.3 and worked.seconds >= worked.cpu_seconds * 0.9
+
+
 @pytest.mark.slow
 def test_step_benchmark_reports_every_variant():
     from drivekd.bench import step
@@ -120,6 +141,13 @@ def test_step_benchmark_reports_every_variant():
         assert ratio["time_ratio"] > 0 and ratio["memory_ratio"] > 0, variant
     # Every variant measured the same steps (the same batches), the amortised one including its refresh.
     assert {len(r["step_seconds"]) for r in report["results"].values()} == {2}
+    # On CPU the time ratios compare the workers' CPU time (what other jobs on the machine do not inflate).
+    sft, none = report["results"]["sft"], report["results"]["none"]
+    assert len(sft["step_cpu_seconds"]) == 2 and sft["cpu_seconds"] > 0
+    assert report["checks"]["plain_multi_time_vs_sft"] == pytest.approx(
+        none["cpu_seconds"] / sft["cpu_seconds"]
+    )
+    assert report["ratios"]["none"]["wall_time_ratio"] == pytest.approx(none["seconds"] / sft["seconds"])
     assert set(report["checks"]) == {
         "plain_multi_time_vs_sft",
         "plain_multi_memory_vs_sft",

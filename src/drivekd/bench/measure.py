@@ -1,4 +1,8 @@
-"""Peak-memory and wall-time measurement of one piece of work in the current process.
+"""Peak-memory, wall-time and (on CPU) process CPU-time measurement of one piece of work in the current process.
+
+CPU time (``time.process_time``, every thread of the process) is what other jobs on a shared machine do not
+inflate: a worker that waits for a core accrues wall time but not CPU time, so on CPU the benchmarks' time ratios
+use it (with the same thread count in every worker they compare like with like) and report wall time beside it.
 
 CPU: the kernel's peak-RSS mark (VmHWM) is reset through /proc/self/clear_refs before the work and read after it, so
 earlier peaks (model construction) do not count; glibc's heap is trimmed first so freed memory is not mistaken for
@@ -27,6 +31,7 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "6553
 class Measurement:
     seconds: float
     peak_bytes: int  # peak growth over the memory in use when the work started
+    cpu_seconds: float | None = None  # process CPU time (CPU device only)
 
 
 def _trim_heap() -> None:
@@ -51,7 +56,7 @@ def _vm_hwm() -> int:
 
 
 def measure(work: Callable[[], object], device: torch.device) -> Measurement:
-    """Run ``work`` once and return its wall time and peak memory growth on ``device``."""
+    """Run ``work`` once and return its wall time, peak memory growth on ``device`` and, on CPU, its CPU time."""
     _trim_heap()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -67,7 +72,7 @@ def measure(work: Callable[[], object], device: torch.device) -> Measurement:
     if not _rss_peak_reset():
         raise RuntimeError("cannot reset the peak-RSS mark (/proc/self/clear_refs): CPU memory needs Linux")
     before = psutil.Process().memory_info().rss
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     work()
-    seconds = time.perf_counter() - start
-    return Measurement(seconds, _vm_hwm() - before)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return Measurement(seconds, _vm_hwm() - before, cpu_seconds)

@@ -25,12 +25,18 @@ def run_variants(module: str, variants: tuple[str, ...], *args: str) -> dict[str
     return results
 
 
+def step_time(result: dict[str, Any]) -> float:
+    """The time a ratio compares: CPU time where it was measured (CPU workers), else wall time."""
+    return result["cpu_seconds"] if result.get("cpu_seconds") is not None else result["seconds"]
+
+
 def ratios(results: dict[str, dict[str, Any]], base: str = "sft") -> dict[str, dict[str, float]]:
-    """Time and peak-memory ratios of every variant against ``base`` (measured in the same run)."""
+    """Time (:func:`step_time`), wall-time and peak-memory ratios of every variant against ``base`` (same run)."""
     reference = results[base]
     return {
         variant: {
-            "time_ratio": result["seconds"] / reference["seconds"],
+            "time_ratio": step_time(result) / step_time(reference),
+            "wall_time_ratio": result["seconds"] / reference["seconds"],
             "memory_ratio": result["peak_bytes"] / reference["peak_bytes"],
         }
         for variant, result in results.items()
