@@ -89,7 +89,7 @@ def test_capture_benchmark_reports_ratios_for_every_variant():
     )
     report = run(micro)
     assert set(report["ratios"]) == set(VARIANTS)
-    assert report["ratios"]["sft"] == {"time_ratio": 1.0, "memory_ratio": 1.0}
+    assert report["ratios"]["sft"] == {"time_ratio": 1.0, "wall_time_ratio": 1.0, "memory_ratio": 1.0}
     for variant in VARIANTS:
         result = report["results"][variant]
         assert result["seconds"] > 0 and result["peak_bytes"] > 0

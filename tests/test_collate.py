@@ -8,6 +8,7 @@ import torch
 from drivekd.data.collate import IGNORE_INDEX, VLMCollator, special_token_ids
 from drivekd.data.schema import Sample
 from drivekd.errors import DataError
+from drivekd.evaluation.choices import extract_choice
 from drivekd.models.families import FAMILIES
 from drivekd.models.pair import build_tiny_pair
 
@@ -47,6 +48,27 @@ def test_roles_and_labels(pair, side, image_dir, samples):
         assert int(roles.vision[row].sum()) % expected_images == 0
     if "mm_token_type_ids" in batch.inputs:  # Qwen's mrope needs it; image tokens are type 1
         assert torch.equal(batch.inputs["mm_token_type_ids"] == 1, roles.vision)
+
+
+def test_rationale_first_supervises_the_rationale_then_a_final_line(pair, image_dir, samples):
+    """data.answer_order=rationale_first: the answer span is the rationale, then "Final: <answer>", then the end
+    of turn; the prompt is the same tokens as with the default layout, and the strict reader takes the choice."""
+    kwargs = {"image_root": image_dir}
+    token = pair.family.image_token_id(pair.student)
+    first = VLMCollator(pair.student_processor, token, **kwargs)
+    last = VLMCollator(pair.student_processor, token, answer_order="rationale_first", **kwargs)
+    tok = pair.student_processor.tokenizer
+    with_rationale = [s for s in samples if s.rationale]
+    assert with_rationale
+    for sample in with_rationale:
+        a, b = first([sample]), last([sample])
+        prompt_a = a.inputs["input_ids"][0][a.labels[0] == IGNORE_INDEX]
+        prompt_b = b.inputs["input_ids"][0][b.labels[0] == IGNORE_INDEX]
+        assert torch.equal(prompt_a, prompt_b)
+        text = tok.decode(b.inputs["input_ids"][0][b.labels[0] != IGNORE_INDEX])
+        assert text.startswith(f"{sample.rationale}\nFinal: {sample.answer}") and text.endswith(tok.eos_token)
+        if sample.kind == "mcq":
+            assert extract_choice(text, "strict") == extract_choice(sample.answer, "strict")
 
 
 def test_batched_logits_equal_single_sample_logits(pair, image_dir, samples):

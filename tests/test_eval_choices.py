@@ -92,7 +92,15 @@ def test_text_without_a_letter_is_unparsed(filler):
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("Yes.", "yes"), ("no, it is not", "no"), ("The answer is yes", "yes"), ("Nope", None), ("", None)],
+    [
+        ("Yes.", "yes"),
+        ("no, it is not", "no"),
+        ("The answer is yes", "yes"),
+        ("Nope", None),
+        ("", None),
+        ("A red car is ahead in the ego lane.\nFinal: Yes", "yes"),  # data.answer_order=rationale_first
+        ("No.\nFinal: yes", None),  # the two disagree
+    ],
 )
 def test_yes_no(text, expected):
     assert extract_yes_no(text) == expected

@@ -18,7 +18,7 @@ from transformers import ProcessorMixin
 
 from drivekd.data.images import ImageFileError, open_image
 from drivekd.data.roles import TokenRoles
-from drivekd.data.schema import ImageRef, Sample
+from drivekd.data.schema import AnswerOrder, ImageRef, Sample
 from drivekd.errors import DataError
 
 IGNORE_INDEX = -100
@@ -82,6 +82,8 @@ class VLMCollator:
     ``padding_side`` is explicit because processors disagree on the default (InternVL pads left). With
     ``with_answer=False`` the batch ends at the generation prompt (for evaluation). Images are opened only inside
     ``image_root`` unless ``allow_outside_root``, and decoded with a pixel limit (:mod:`drivekd.data.images`).
+    ``answer_order`` lays out the supervised text (:meth:`Sample.target_text`); teacher and student collators of a
+    run must share it, since the teacher's signals are taken on the student's tokens.
     """
 
     def __init__(
@@ -94,8 +96,10 @@ class VLMCollator:
         system_prompt: str = SYSTEM_PROMPT,
         with_answer: bool = True,
         allow_outside_root: bool = False,
+        answer_order: AnswerOrder = "answer_first",
     ) -> None:
         self.processor = processor
+        self.answer_order = answer_order
         self.allow_outside_root = allow_outside_root
         self.tokenizer = processor.tokenizer
         self.image_token_id = image_token_id
@@ -172,7 +176,7 @@ class VLMCollator:
 
     def _answer_ids(self, messages: list[dict[str, Any]], prompt: str, sample: Sample) -> torch.Tensor:
         """Token ids of the answer followed by the template's end-of-turn marker (so the model learns to stop)."""
-        answer = sample.full_answer
+        answer = sample.target_text(self.answer_order)
         turn = [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         full = self.processor.apply_chat_template(turn, tokenize=False)
         if not full.startswith(prompt + answer):

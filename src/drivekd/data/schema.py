@@ -41,6 +41,8 @@ from drivekd.fileio import write_atomically
 Capability = Literal["perception", "reasoning", "planning"]
 Task = Literal["perception", "prediction", "planning", "behavior"]
 Kind = Literal["mcq", "open", "yes/no"]
+# Where the short answer sits in the supervised text (Sample.target_text, data.answer_order).
+AnswerOrder = Literal["answer_first", "rationale_first"]
 
 CAPABILITIES: tuple[Capability, ...] = ("perception", "reasoning", "planning")
 # The paper reports DriveBench prediction and behavior together as reasoning.
@@ -154,7 +156,17 @@ class Sample(BaseModel):
     @property
     def full_answer(self) -> str:
         """The supervised answer text: the short answer, then the rationale when there is one."""
-        return self.answer if not self.rationale else f"{self.answer}\n{self.rationale}"
+        return self.target_text("answer_first")
+
+    def target_text(self, order: AnswerOrder) -> str:
+        """The supervised answer text in ``order``: ``answer_first`` is the short answer, then the rationale (the
+        DriveBench layout); ``rationale_first`` is the rationale, then a ``Final: <answer>`` line, so a model states
+        what it sees before it commits to an option (the strict choice reader takes the ``Final:`` marker)."""
+        if not self.rationale:
+            return self.answer
+        if order == "rationale_first":
+            return f"{self.rationale}\nFinal: {self.answer}"
+        return f"{self.answer}\n{self.rationale}"
 
     @property
     def shown_images(self) -> list[ImageRef]:

@@ -32,7 +32,7 @@ import transformers
 from PIL import Image
 from transformers import PreTrainedModel, ProcessorMixin
 
-from drivekd.data.schema import Sample, read_jsonl
+from drivekd.data.schema import AnswerOrder, Sample, read_jsonl
 from drivekd.data.synthetic import generate_split
 from drivekd.demo.config import DemoConfig
 from drivekd.demo.evaluate import PREDICTIONS, evaluate_model, judge_config, offline_judge
@@ -86,14 +86,17 @@ class TeacherRecipe:
     vision_heads: int = 2
     steps: int = 4000
     # Stop early (keeping that step's checkpoint) past this much training time, summed over resumed runs; None: never.
-    train_minutes: float | None = 110.0
+    train_minutes: float | None = 100.0
     checkpoint_every: int = 100  # a killed run resumes from the last of these
     lr: float = 2e-3
     warmup_ratio: float = 0.05
     micro_batch: int = 8
     grad_accum: int = 1
     threads: int = 1
-    max_new_tokens: int = 64
+    # The rationale, then "Final: <answer>" (data.answer_order): the model states the facts it sees before it has
+    # to match them to an option's letter (a letter first was not learned, docs/demo.md); room for both.
+    answer_order: AnswerOrder = "rationale_first"
+    max_new_tokens: int = 128
     judge_runs: int = 5
 
     @property
@@ -207,7 +210,9 @@ def _train(
     done and the training seconds."""
     pair = build_tiny_pair(recipe.family, teacher=recipe.size, image_size=recipe.image_size, seed=recipe.seed)
     models = Models(pair.family, pair.teacher.train(), pair.teacher_processor)
-    checkpoint, steps, spent = train_sft(models, recipe, train, output_dir)
+    checkpoint, steps, spent = train_sft(
+        models, recipe, train, output_dir, extra=[f"data.answer_order={recipe.answer_order}"]
+    )
     return pair.teacher, pair.teacher_processor, checkpoint, steps, spent
 
 

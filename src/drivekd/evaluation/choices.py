@@ -34,7 +34,7 @@ _LISTED = re.compile(r"(?<=[.!?;]\s)([A-D])[.)]\s")
 _LONE = re.compile(r"^\s*[*_(\[]*\s*([A-Da-d])\s*[*_)\].!]*\s*$")
 _UPSTREAM = {letter: re.compile(rf"\b{letter}\b") for letter in "abcd"}
 _YES_NO = re.compile(r"^\W*(yes|no)\b", re.IGNORECASE)
-_YES_NO_MARKER = re.compile(r"\banswer\b\s*(?:is)?\s*[:=\-]?\s*\**\s*(yes|no)\b", re.IGNORECASE)
+_YES_NO_MARKER = re.compile(r"\b(?:answer|final)\b\s*(?:is)?\s*[:=\-]?\s*\**\s*(yes|no)\b", re.IGNORECASE)
 
 
 def _letters(matches: list[re.Match[str]]) -> set[str]:
@@ -70,7 +70,8 @@ def extract_choice(text: str | None, mode: ChoiceMode = "strict") -> str | None:
 
 
 def extract_yes_no(text: str | None) -> str | None:
-    """The yes/no answer ("yes" or "no") when the text starts with it or states it after "answer", else None."""
+    """The yes/no answer ("yes" or "no") when the text starts with it or states it after "answer" or "Final:"
+    (the ``rationale_first`` layout), else None; None too when they disagree."""
     if not text:
         return None
     found = {m.group(1).lower() for m in (_YES_NO.match(text), *_YES_NO_MARKER.finditer(text)) if m}

@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from drivekd.data.header import image_root_for
-from drivekd.data.schema import Sample, read_jsonl
+from drivekd.data.schema import AnswerOrder, Sample, read_jsonl
 from drivekd.errors import DriveKDError
 
 if TYPE_CHECKING:  # the teacher pass imports torch: loaded when the command runs, not for `drivekd --help`
@@ -143,6 +143,13 @@ def cache_teacher_cmd(
     overlong: Annotated[
         str, typer.Option("--overlong", help="refuse | skip (and list) samples over --max-length.")
     ] = "refuse",
+    answer_order: Annotated[
+        str,
+        typer.Option(
+            "--answer-order",
+            help="answer_first | rationale_first: the supervised text's layout; the training's data.answer_order.",
+        ),
+    ] = "answer_first",
 ) -> None:
     """One teacher pass over --data, writing its attention signals to safetensors shards with an index."""
     import torch
@@ -161,10 +168,12 @@ def cache_teacher_cmd(
             or padding_side not in ("left", "right")
             or tv_rows not in ("text", "non_image")
             or overlong not in ("refuse", "skip")
+            or answer_order not in ("answer_first", "rationale_first")
         ):
             raise ValueError(
-                f"--dtype must be float16|float32, --padding-side left|right, --tv-rows text|non_image and "
-                f"--overlong refuse|skip, got {dtype}, {padding_side}, {tv_rows}, {overlong}"
+                f"--dtype must be float16|float32, --padding-side left|right, --tv-rows text|non_image, "
+                f"--overlong refuse|skip and --answer-order answer_first|rationale_first, got {dtype}, "
+                f"{padding_side}, {tv_rows}, {overlong}, {answer_order}"
             )
         root = image_root_for(data, image_root)
         # Read first, so bad data is refused before the teacher loads.
@@ -177,7 +186,10 @@ def cache_teacher_cmd(
         spec = f"{layers};{FULL_LAYERS}" if full else layers
         needs = parse_layer_spec(spec, len(family.decoder_layers(model)))
         side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
-        collator = VLMCollator(processor, family.image_token_id(model), image_root=root, padding_side=side)
+        order: AnswerOrder = "rationale_first" if answer_order == "rationale_first" else "answer_first"
+        collator = VLMCollator(
+            processor, family.image_token_id(model), image_root=root, padding_side=side, answer_order=order
+        )
         samples, lengths = limit_lengths(
             samples,
             collator.token_length,

@@ -36,6 +36,7 @@ def check_layouts(models: Models, samples: Sequence[Sample], collate: VLMCollato
             models.family.image_token_id(teacher),
             image_root=collate.image_root,
             allow_outside_root=collate.allow_outside_root,
+            answer_order=collate.answer_order,
         )
         for sample in picked:
             diffs = _fingerprint(theirs, sample).differences(_fingerprint(collate, sample))

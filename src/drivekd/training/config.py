@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drivekd.data.roles import TVRows
-from drivekd.data.schema import CAPABILITIES, Capability
+from drivekd.data.schema import CAPABILITIES, AnswerOrder, Capability
 from drivekd.errors import DriveKDError
 from drivekd.gradients.mixing import DEFAULT_PI
 from drivekd.training.precision import low_precision_message
@@ -91,6 +91,9 @@ class DataConfig(_Section):
     max_length: int | None = Field(None, ge=1)
     # A sample over max_length: an error, or skipped and listed.
     overlong: Literal["refuse", "skip"] = "refuse"
+    # The supervised text: the short answer then the rationale (DriveBench's layout), or the rationale then a
+    # "Final: <answer>" line (a model states what it sees before it picks an option; the demo teacher's setting).
+    answer_order: AnswerOrder = "answer_first"
 
 
 class RoleLayers(_Section):

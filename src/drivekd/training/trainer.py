@@ -142,6 +142,7 @@ class Trainer:
             image_root=image_root_for(config.data.train, config.data.image_root),
             padding_side=config.data.padding_side,
             allow_outside_root=config.data.allow_outside_root,
+            answer_order=config.data.answer_order,
         )
         self.samples, self.lengths = self._limit_lengths(
             list(samples) if samples is not None else self._read_data()

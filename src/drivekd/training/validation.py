@@ -58,6 +58,7 @@ class Validation:
             image_root=data.image_root or str(Path(data.val).parent),
             padding_side=data.padding_side,
             allow_outside_root=data.allow_outside_root,
+            answer_order=data.answer_order,
         )
         self.samples, _ = limit_lengths(
             samples,
