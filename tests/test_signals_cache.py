@@ -268,6 +268,32 @@ def test_reader_never_touches_a_model(written, monkeypatch):
     assert all(torch.equal(signals.full[k], expected.full[k]) for k in NEEDS.full_layers)
 
 
+def test_sliding_groups_read_each_full_map_once_per_batch(written, monkeypatch):
+    """Targets of sliding teacher-layer groups ask for the same maps again; a membership test reads nothing and
+    the maps of the last group (SignalNeeds.full_group) stay read, so each map is read once per batch and equals a
+    fresh read."""
+    batch, _ = written.read_batches[0]
+    layers = sorted(NEEDS.full_layers)
+    groups = [layers[:1], layers, layers[1:], layers]  # groups of one and two sliding over the cached layers
+    fresh = written.read(batch).full
+    expected = {k: fresh[k] for k in layers}  # read before counting starts
+    reads: list[str] = []
+    original = CachedTeacher._tensor
+
+    def counted(self, entry, sample_id, name, device):
+        reads.append(name)
+        return original(self, entry, sample_id, name, device)
+
+    monkeypatch.setattr(CachedTeacher, "_tensor", counted)
+    needs = SignalNeeds(full_layers=NEEDS.full_layers, full_group=2)
+    full = CachedTeacher(written.caches[torch.float32]).signals(batch, _index(batch), needs).full
+    assert all(k in full for k in layers) and -1 not in full and not reads
+    for group in groups:
+        for k in group:
+            assert torch.equal(full[k], expected[k])
+    assert sorted(reads) == sorted(f"full/{k}" for k in layers for _ in batch.sample_ids), reads
+
+
 def _tensor_data_bytes(shard: Path) -> int:
     """A safetensors file is an 8-byte little-endian header length, the JSON header, then the tensor data."""
     raw = shard.read_bytes()

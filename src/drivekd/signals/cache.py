@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -300,7 +301,11 @@ class CachedTeacher:
         if needs.tv_layers:
             self._check_index(batch, index)
         tv = {k: self._tv(k, batch, index, entries) for k in sorted(needs.tv_layers & self.tv_layers)}
-        full = _LazyMaps(needs.full_layers & self.full_layers, lambda k: self._full(k, batch, entries))
+        full = _LazyMaps(
+            needs.full_layers & self.full_layers,
+            lambda k: self._full(k, batch, entries),
+            keep=needs.full_group,
+        )
         signals = TeacherSignals(index, tv, full)
         try:
             signals.check(needs)
@@ -367,10 +372,17 @@ class CachedTeacher:
         padding = batch.roles.padding
         out = torch.zeros(*padding.shape, padding.shape[1], dtype=self.dtype, device=padding.device)
         for row, (sample_id, entry) in enumerate(zip(batch.sample_ids, entries, strict=True)):
+            # A row is padded on one side, so its real tokens are one run: a slice, not an index grid (index_put
+            # over L x L positions took 40% of a multi-teacher step on CPU).
             positions = (~padding[row]).nonzero().squeeze(1)
+            start, n = (int(positions[0]), len(positions)) if len(positions) else (0, 0)
+            if n and int(positions[-1]) - start + 1 != n:
+                raise CacheError(
+                    f"sample {sample_id!r} has padding between its tokens; collate it padded on one side"
+                )
             block = self._tensor(entry, sample_id, f"full/{layer}", padding.device)
-            self._check_shape(sample_id, f"full/{layer}", block, (len(positions), len(positions)))
-            out[row, positions.unsqueeze(1), positions.unsqueeze(0)] = block
+            self._check_shape(sample_id, f"full/{layer}", block, (n, n))
+            out[row, start : start + n, start : start + n] = block
         return out
 
     def _check_shape(self, sample_id: str, name: str, block: torch.Tensor, shape: tuple[int, int]) -> None:
@@ -416,23 +428,37 @@ class CachedTeacher:
 
 
 class _LazyMaps(Mapping[int, torch.Tensor]):
-    """Full maps of a batch by teacher layer, read from the shard each time one is asked for and not kept.
+    """Full maps of a batch by teacher layer, read from the shard when asked for; the ``keep`` most recently used
+    stay read.
 
     A (B, L, L) map per teacher layer is the largest signal; read lazily, a training step holds only the group a
-    layer's target is built from, not every layer's map for the whole step.
+    layer's target is built from, not every layer's map for the whole step. Keeping one group's worth (the largest
+    group, ``SignalNeeds.full_group``) lets the next student layer's sliding group reuse the maps it shares with
+    this one, so each map is read once per batch.
     """
 
-    def __init__(self, layers: Iterable[int], load: Callable[[int], torch.Tensor]) -> None:
-        self._layers = tuple(sorted(layers))
+    def __init__(self, layers: Iterable[int], load: Callable[[int], torch.Tensor], keep: int = 1) -> None:
+        self._layers = frozenset(layers)
         self._load = load
+        self._keep = max(1, keep)
+        self._recent: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def __getitem__(self, layer: int) -> torch.Tensor:
         if layer not in self._layers:
             raise KeyError(layer)
-        return self._load(layer)
+        if layer in self._recent:
+            self._recent.move_to_end(layer)
+            return self._recent[layer]
+        self._recent[layer] = self._load(layer)
+        if len(self._recent) > self._keep:
+            self._recent.popitem(last=False)
+        return self._recent[layer]
+
+    def __contains__(self, layer: object) -> bool:  # Mapping's default reads the map
+        return layer in self._layers
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._layers)
+        return iter(sorted(self._layers))
 
     def __len__(self) -> int:
         return len(self._layers)

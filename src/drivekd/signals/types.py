@@ -24,6 +24,8 @@ class SignalNeeds:
     full_layers: frozenset[int] = frozenset()
     hidden_layers: frozenset[int] = frozenset()  # paper numbering: hidden_states[l]
     logits: bool = False
+    # The most full maps one target reads (the largest teacher-layer group): how many a cache keeps read at once.
+    full_group: int = 1
 
     def __or__(self, other: SignalNeeds) -> SignalNeeds:
         return SignalNeeds(
@@ -31,6 +33,7 @@ class SignalNeeds:
             self.full_layers | other.full_layers,
             self.hidden_layers | other.hidden_layers,
             self.logits or other.logits,
+            max(self.full_group, other.full_group),
         )
 
     @property

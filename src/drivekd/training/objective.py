@@ -141,6 +141,7 @@ class LayerStream:
         teacher: Mapping[str, TeacherSignals],
     ) -> None:
         self.terms = tuple(terms)
+        self.teacher = teacher
         self.rows = {
             c: Rows(c, r, batch, index.select(r), teacher=teacher) for c, r in capability_rows(batch).items()
         }
@@ -150,9 +151,9 @@ class LayerStream:
         for term in self.terms:
             if term.kind != kind or layer not in term.student_layers:
                 continue
-            position = term.student_layers.index(layer)
+            target = term.target(self.teacher, term.student_layers.index(layer))  # once for every capability
             for c, rows in self.rows.items():
-                loss = term.layer_loss(maps[rows.rows], term.target(rows, position), rows)
+                loss = term.layer_loss(maps[rows.rows], target[rows.rows], rows)
                 self.per_layer.setdefault((term.name, c), {})[layer] = loss
 
     def feed(self, captured: CapturedAttention) -> None:

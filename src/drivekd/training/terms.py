@@ -187,18 +187,20 @@ class AttentionTerm(Term):
 
     def needs(self) -> SignalNeeds:
         layers = frozenset(k for group in self.teacher_groups for k in group)
-        return SignalNeeds(tv_layers=layers) if self.kind == "tv" else SignalNeeds(full_layers=layers)
+        if self.kind == "tv":
+            return SignalNeeds(tv_layers=layers)
+        return SignalNeeds(full_layers=layers, full_group=max(len(g) for g in self.teacher_groups))
 
-    def target(self, rows: Rows, position: int) -> torch.Tensor:
-        """The teacher's group-mean target on ``rows`` for student layer ``student_layers[position]``.
+    def target(self, teacher: Mapping[str, TeacherSignals], position: int) -> torch.Tensor:
+        """The teacher's group-mean target for the whole batch at student layer ``student_layers[position]``
+        (the caller selects each capability's rows of it).
 
         One layer at a time and reading only that group's teacher maps, so a stream holds one target while it
         builds a layer's loss, not every layer's targets (nor, with a cache, every teacher map) at once.
         """
-        teacher = rows.teacher[self.source]
-        signals = teacher.tv if self.kind == "tv" else teacher.full
+        signals = teacher[self.source].tv if self.kind == "tv" else teacher[self.source].full
         group = self.teacher_groups[position]
-        return group_targets({k: signals[k][rows.rows] for k in group if k in signals}, [group])[0]
+        return group_targets({k: signals[k] for k in group if k in signals}, [group])[0]
 
     @abstractmethod
     def layer_loss(self, student: torch.Tensor, target: torch.Tensor, rows: Rows) -> torch.Tensor:
