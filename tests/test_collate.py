@@ -51,8 +51,9 @@ def test_roles_and_labels(pair, side, image_dir, samples):
 
 
 def test_rationale_first_supervises_the_rationale_then_a_final_line(pair, image_dir, samples):
-    """data.answer_order=rationale_first: the answer span is the rationale, then "Final: <answer>", then the end
-    of turn; the prompt is the same tokens as with the default layout, and the strict reader takes the choice."""
+    """data.answer_order=rationale_first: a choice question's answer span is the rationale, then "Final:
+    <answer>", then the end of turn (an open one keeps the default layout); the prompt is the same tokens as with
+    the default layout, and the strict reader takes the choice."""
     kwargs = {"image_root": image_dir}
     token = pair.family.image_token_id(pair.student)
     first = VLMCollator(pair.student_processor, token, **kwargs)
@@ -66,7 +67,10 @@ def test_rationale_first_supervises_the_rationale_then_a_final_line(pair, image_
         prompt_b = b.inputs["input_ids"][0][b.labels[0] == IGNORE_INDEX]
         assert torch.equal(prompt_a, prompt_b)
         text = tok.decode(b.inputs["input_ids"][0][b.labels[0] != IGNORE_INDEX])
-        assert text.startswith(f"{sample.rationale}\nFinal: {sample.answer}") and text.endswith(tok.eos_token)
+        laid_out = (
+            sample.full_answer if sample.kind == "open" else f"{sample.rationale}\nFinal: {sample.answer}"
+        )
+        assert text.startswith(laid_out) and text.endswith(tok.eos_token)
         if sample.kind == "mcq":
             assert extract_choice(text, "strict") == extract_choice(sample.answer, "strict")
 

@@ -160,11 +160,12 @@ class Sample(BaseModel):
 
     def target_text(self, order: AnswerOrder) -> str:
         """The supervised answer text in ``order``: ``answer_first`` is the short answer, then the rationale (the
-        DriveBench layout); ``rationale_first`` is the rationale, then a ``Final: <answer>`` line, so a model states
-        what it sees before it commits to an option (the strict choice reader takes the ``Final:`` marker)."""
+        DriveBench layout); ``rationale_first`` puts the rationale of an MCQ or yes/no question first, then a
+        ``Final: <answer>`` line, so a model states what it sees before it commits to a choice (the strict readers
+        take the ``Final:`` marker). Open answers keep the answer first: there is no choice to defer."""
         if not self.rationale:
             return self.answer
-        if order == "rationale_first":
+        if order == "rationale_first" and self.kind != "open":
             return f"{self.rationale}\nFinal: {self.answer}"
         return f"{self.answer}\n{self.rationale}"
 

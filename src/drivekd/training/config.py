@@ -91,8 +91,9 @@ class DataConfig(_Section):
     max_length: int | None = Field(None, ge=1)
     # A sample over max_length: an error, or skipped and listed.
     overlong: Literal["refuse", "skip"] = "refuse"
-    # The supervised text: the short answer then the rationale (DriveBench's layout), or the rationale then a
-    # "Final: <answer>" line (a model states what it sees before it picks an option; the demo teacher's setting).
+    # The supervised text: the short answer then the rationale (DriveBench's layout), or for MCQ and yes/no samples
+    # the rationale then a "Final: <answer>" line (a model states what it sees before it chooses; the demo
+    # teacher's setting; open answers keep the answer first).
     answer_order: AnswerOrder = "answer_first"
 
 
