@@ -266,8 +266,7 @@ def prepare(cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
     from drivekd.data.synthetic import generate_split
     from drivekd.signals.cache import write_cache
     from drivekd.training.config import load_config
-    from drivekd.training.objective import Objective
-    from drivekd.training.recipes import build_recipe, resolve_layers
+    from drivekd.training.recipes import attention_needs
 
     split = generate_split(workdir / "data", n_scenes=4, seed=0, views="single", image_size=cfg.image_size)
     samples = list(read_jsonl(split.path))
@@ -281,8 +280,7 @@ def prepare(cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
     pair = _pair(cfg)
     config = load_config()
     s_depth, t_depth = cfg.student[1], cfg.teacher[1]
-    layers = resolve_layers(config.layers, s_depth, t_depth)
-    needs = Objective(build_recipe(config.distill, layers, s_depth, t_depth).terms).needs
+    needs = attention_needs(config.distill, config.layers, s_depth, t_depth)
     collate = VLMCollator(
         pair.teacher_processor,
         pair.family.image_token_id(pair.teacher),
