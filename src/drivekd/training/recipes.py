@@ -148,10 +148,14 @@ def hidden_pairs(layer: str, student_depth: int, teacher_depth: int) -> list[tup
     return list(zip(student, teacher_layer_groups(student, pick(teacher_depth)), strict=True))
 
 
-def attention_needs(distill: DistillConfig, layers: LayersConfig, student_depth: int, teacher_depth: int) -> SignalNeeds:
+def attention_needs(
+    distill: DistillConfig, layers: LayersConfig, student_depth: int, teacher_depth: int
+) -> SignalNeeds:
     """The teacher's attention signals a run of ``distill`` reads for these depths: what a teacher-signal cache for
     it must hold (the hidden baseline reads hidden states, which a cache does not hold, and is refused)."""
     if distill.recipe == "hidden":
-        raise ValueError("the hidden-state baseline reads the teacher's hidden states; a cache holds attention only")
+        raise ValueError(
+            "the hidden-state baseline reads the teacher's hidden states; a cache holds attention only"
+        )
     resolved = resolve_layers(layers, student_depth, teacher_depth)
     return Objective(build_recipe(distill, resolved, student_depth, teacher_depth).terms).needs
