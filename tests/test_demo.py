@@ -159,7 +159,7 @@ def test_quick_demo_intervals_agree_with_the_tables_and_head_the_report(quick_de
 @pytest.mark.slow
 def test_quick_demo_writes_images_and_logs(quick_demo):
     report = quick_demo / "report"
-    for name in ("scores.png", "training_curves.png", "prestudy.png"):
+    for name in ("scores.png", "training_curves.png", "prestudy.png", "attention.png"):
         with Image.open(report / name) as image:
             image.verify()
             assert image.format == "PNG" and image.size[0] > 100

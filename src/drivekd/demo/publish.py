@@ -17,8 +17,10 @@ from typing import Any
 
 from drivekd.data.schema import read_jsonl
 from drivekd.demo import intervals
+from drivekd.demo.attention import attention_figure, pick_questions
 from drivekd.demo.config import DemoConfig
 from drivekd.demo.evaluate import PREDICTIONS, SCORES
+from drivekd.demo.jobs import final_checkpoint
 from drivekd.demo.methods import (
     ABLATION,
     DRIVELM_METHODS,
@@ -44,6 +46,7 @@ from drivekd.demo.report import (
     verdict,
 )
 from drivekd.demo.workspace import Workspace, write_json
+from drivekd.evaluation.generate import load_model
 from drivekd.evaluation.inference import table_markdown
 from drivekd.evaluation.predictions import read_predictions
 from drivekd.evaluation.report import rows_csv
@@ -179,8 +182,11 @@ def publish(
     timings: Sequence[Mapping[str, Any]],
     wall_seconds: float,
     resumed: bool,
+    teacher: Path,
 ) -> Published:
-    """Write the report folder and return the statements; README.md renders summary.json."""
+    """Write the report folder and return the statements; README.md renders summary.json.
+
+    ``teacher`` is the teacher's folder (the shipped one or ``--teacher``), drawn in the attention figure."""
     out = ws.report
     logs_dir = out / "logs"
     logs_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +220,7 @@ def publish(
     scores_figure(rows, "judge", out / "scores.png")
     training_figure(logs[config.seeds[0]], out / "training_curves.png", seed=config.seeds[0])
     shutil.copyfile(ws.prestudy / PRESTUDY_FIGURE, out / "prestudy.png")
+    attention = _attention(ws, config, teacher, out / ATTENTION_FIGURE)
     (out / "results.csv").write_text(rows_csv(rows, "method"), encoding="utf-8")
     prestudy = json.loads((ws.prestudy / "metrics.json").read_text(encoding="utf-8"))
     summary = {
@@ -231,6 +238,7 @@ def publish(
         "single_teacher": {"row": SINGLE_TEACHER, "parts": SINGLE_TEACHER_PARTS},
         "drivelm": _drivelm_rows(ws, config) if drivelm else None,
         "deployment": deployment,
+        "attention": attention,
         "prestudy": {"recommended_layers": prestudy["recommended_layers"], "data": prestudy["data"]},
         "teacher": dict(teacher_manifest),
         "data": {name: _split_summary(ws.split(name)) for name in ("train", "val", "test")},
@@ -239,6 +247,30 @@ def publish(
     write_json(out / "summary.json", summary)
     (out / "README.md").write_text(_readme(config, summary), encoding="utf-8")
     return Published(out, statement, mcq_statement, headline)
+
+
+ATTENTION_FIGURE = "attention.png"
+ATTENTION_LAYER = 1
+
+
+def _attention(ws: Workspace, config: DemoConfig, teacher: Path, path: Path) -> dict[str, Any]:
+    """Draw the teacher's, SFT's and multi-AGP's (first seed) attention on a few test questions; what was drawn."""
+    seed = config.seeds[0]
+    folders = {
+        TEACHER.name: teacher,
+        f"{SFT.name} (seed {seed})": final_checkpoint(ws, SFT, seed, config.steps),
+        f"{MULTI_AGP.name} (seed {seed})": final_checkpoint(ws, MULTI_AGP, seed, config.steps),
+    }
+    models = {name: load_model(folder, dtype="float32") for name, folder in folders.items()}
+    questions = pick_questions(list(read_jsonl(ws.split("test"), check_files=False)))
+    attention_figure(models, questions, ws.data, path, layer=ATTENTION_LAYER)
+    return {
+        "figure": path.name,
+        "layer": ATTENTION_LAYER,
+        "queries": "answer",
+        "models": list(folders),
+        "questions": [q.id for q in questions],
+    }
 
 
 def _drivelm_rows(ws: Workspace, config: DemoConfig) -> list[dict[str, Any]]:
@@ -332,6 +364,13 @@ def _readme(config: DemoConfig, summary: Mapping[str, Any]) -> str:
             markdown_table(summary["drivelm"], "judge", extra=("mcq",)),
         ]
     parts += [
+        "\n## Where the models look\n",
+        f"Head-mean text-to-vision attention at paper layer {summary['attention']['layer']} (where perception is "
+        "distilled), averaged over the reference answer's tokens (teacher forcing) and normalised over the image's "
+        "vision tokens (the processor's merged grid: one cell per vision token), for the first front-view perception and "
+        "planning questions of the test split (MCQs first); brighter is more attention. Captured with the "
+        "project's exact maps (`drivekd.capture`), drawn by `drivekd.demo.attention`.\n\n"
+        f"![text-to-vision attention]({summary['attention']['figure']})\n",
         "\n## Pre-study (teacher, val split)\n",
         f"`drivekd.analysis.runner.analyze` on {summary['prestudy']['data']['samples']} val samples; recommended "
         f"teacher layers (paper numbering): {recommended['layers']['teacher']}.\n\n"

@@ -266,6 +266,7 @@ def run_demo(
                 ws,
                 config,
                 teacher_manifest=manifest,
+                teacher=teacher_dir,
                 deployment=deployment,
                 drivelm=drivelm_dir is not None,
                 timings=stages.entries,
