@@ -344,7 +344,13 @@ def run(cfg: StepBenchConfig, variants: tuple[str, ...] | None = None) -> dict[s
     with tempfile.TemporaryDirectory(prefix="drivekd-bench-step-") as tmp:
         workdir = Path(tmp)
         setup = prepare(cfg, workdir)
-        results = run_variants("drivekd.bench.step", variants, json.dumps(asdict(cfg)), str(workdir))
+        results = run_variants(
+            "drivekd.bench.step",
+            variants,
+            json.dumps(asdict(cfg)),
+            str(workdir),
+            may_not_fit={v for v in variants if VARIANT_SETTINGS[v].naive},
+        )
     measured = {v: r for v, r in results.items() if r.get("measurable", True)}
     return {
         "config": asdict(cfg),

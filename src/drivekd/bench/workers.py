@@ -4,21 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+from collections.abc import Collection
 from typing import Any
 
 from drivekd.bench.measure import WORKER_ENV
 
 
-def run_variants(module: str, variants: tuple[str, ...], *args: str) -> dict[str, dict[str, Any]]:
-    """``python -m module VARIANT *args`` per variant (its last stdout line is a JSON result)."""
+def run_variants(
+    module: str, variants: tuple[str, ...], *args: str, may_not_fit: Collection[str] = ()
+) -> dict[str, dict[str, Any]]:
+    """``python -m module VARIANT *args`` per variant (its last stdout line is a JSON result).
+
+    A variant of ``may_not_fit`` (a reference whose memory grows past what its own pre-check can foresee) that
+    the kernel kills (SIGKILL: out of memory) is recorded as not measurable, so the others' figures are kept.
+    """
     results = {}
     for variant in variants:
         cmd = [sys.executable, "-m", module, variant, *args]
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env={**os.environ, **WORKER_ENV}, check=False
         )
+        if proc.returncode == -signal.SIGKILL and variant in may_not_fit:
+            why = "killed by the kernel while running (SIGKILL: out of memory)"
+            results[variant] = {"variant": variant, "measurable": False, "why": why}
+            continue
         if proc.returncode != 0:
             raise RuntimeError(f"benchmark variant {variant!r} failed:\n{proc.stderr[-4000:]}")
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])

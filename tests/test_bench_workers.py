@@ -1,0 +1,44 @@
+"""Benchmark workers: a reference the kernel kills for memory is reported as not measurable, other failures stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from drivekd.bench.workers import run_variants
+
+WORKER = """
+import json, os, signal, sys
+variant = sys.argv[1]
+if variant == "huge":
+    os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+if variant == "broken":
+    sys.exit("broken variant")
+print("noise")
+print(json.dumps({"variant": variant, "seconds": 1.0, "peak_bytes": 1}))
+"""
+
+
+@pytest.fixture
+def module(tmp_path, monkeypatch):
+    (tmp_path / "fake_bench_worker.py").write_text(WORKER)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    return "fake_bench_worker"
+
+
+def test_a_killed_reference_is_not_measurable_and_the_others_are_kept(module):
+    results = run_variants(module, ("sft", "huge", "plain"), may_not_fit={"huge"})
+    assert results["sft"] == {"variant": "sft", "seconds": 1.0, "peak_bytes": 1}
+    assert results["plain"]["variant"] == "plain"
+    assert results["huge"]["measurable"] is False and "out of memory" in results["huge"]["why"]
+    json.dumps(results)  # what bench step writes
+
+
+def test_a_kill_of_a_variant_that_must_fit_and_any_other_failure_stop_the_run(module):
+    with pytest.raises(RuntimeError, match="variant 'huge' failed"):
+        run_variants(module, ("sft", "huge"))
+    with pytest.raises(RuntimeError, match=r"variant 'broken' failed:\n(.|\n)*broken variant"):
+        run_variants(module, ("broken",), may_not_fit={"broken"})
