@@ -42,3 +42,28 @@ def test_a_kill_of_a_variant_that_must_fit_and_any_other_failure_stop_the_run(mo
         run_variants(module, ("sft", "huge"))
     with pytest.raises(RuntimeError, match=r"variant 'broken' failed:\n(.|\n)*broken variant"):
         run_variants(module, ("broken",), may_not_fit={"broken"})
+
+
+def test_bench_step_prints_and_writes_a_report_with_a_variant_not_measured(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from drivekd.bench import step
+    from drivekd.cli import app
+
+    figures = {"seconds": 2.0, "cpu_seconds": 1.5, "peak_bytes": 2**20}
+    report = {
+        "setup": {"length": 10, "vision_tokens": 4, "cache_bytes": 2**20},
+        "results": {
+            "sft": {"variant": "sft", **figures},
+            "naive_teacher": {"variant": "naive_teacher", "measurable": False, "why": "out of memory"},
+        },
+        "ratios": {"sft": {"time_ratio": 1.0, "wall_time_ratio": 1.0, "memory_ratio": 1.0}},
+        "checks": {},
+        "not_measured": {"naive_teacher": "out of memory"},
+    }
+    monkeypatch.setattr(step, "run", lambda cfg: report)
+    out = tmp_path / "step.json"
+    result = CliRunner().invoke(app, ["bench", "step", "--quick", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "naive_teacher: not measurable here (out of memory)" in result.output
+    assert json.loads(out.read_text()) == report

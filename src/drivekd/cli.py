@@ -119,6 +119,7 @@ def bench_step_cmd(
     except ValueError as err:
         raise _fail(err) from None
     report = run(cfg)
+    _write_json(report, json_path)  # first: the figures of a long run are kept whatever the printing does
     setup = report["setup"]
     console.print(
         f"student {cfg.student}, teacher {cfg.teacher} (hidden, layers, heads, kv heads, MLP); L = {setup['length']} "
@@ -130,7 +131,6 @@ def bench_step_cmd(
         console.print(f"{variant}: not measurable here ({why})")
     for name, value in report["checks"].items():
         console.print(f"{name}: {value if isinstance(value, bool) else f'{value:.3f}x'}")
-    _write_json(report, json_path)
 
 
 def _register_subcommands() -> None:
@@ -170,8 +170,8 @@ def _print_ratios(report: dict, title: str) -> None:
     )
     for column in columns:
         table.add_column(column, justify="right")
-    for variant, result in report["results"].items():
-        ratio = report["ratios"][variant]
+    for variant, ratio in report["ratios"].items():  # measured variants; not_measured ones have no figures
+        result = report["results"][variant]
         cpu = result.get("cpu_seconds")
         table.add_row(
             variant,
