@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from drivekd.bench.measure import measure
+from drivekd.bench.measure import measure_series
 from drivekd.bench.options import check_device_and_dtype
 from drivekd.bench.workers import ratios, run_variants
 from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture_attention
@@ -200,7 +200,7 @@ def _step(
 
 
 def run_worker(variant: str, cfg: CaptureBenchConfig) -> dict[str, Any]:
-    """Measure one variant in this process (a warm-up step first, then ``cfg.steps`` measured steps)."""
+    """Measure one variant in this process: a warm-up step, ``cfg.steps`` timed steps, as many for memory."""
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = _model(cfg).to(device=device, dtype=dtype).train()
@@ -210,16 +210,17 @@ def run_worker(variant: str, cfg: CaptureBenchConfig) -> dict[str, Any]:
         use_capture_attention(model)
     batch = _batch(cfg, device, dtype)
     targets = _targets(cfg, batch, device) if variant != "sft" else {}
-    runs = []
-    for step in range(cfg.steps + 1):
+
+    def step() -> None:
         model.zero_grad(set_to_none=True)
-        result = measure(lambda: _step(variant, model, cfg, batch, targets), device)
-        if step:  # the first step warms up allocators and kernels
-            runs.append(result)
+        _step(variant, model, cfg, batch, targets)
+
+    step()  # warms up allocators and kernels
+    series = measure_series(step, device, cfg.steps)
     return {
         "variant": variant,
-        "seconds": min(r.seconds for r in runs),
-        "peak_bytes": max(r.peak_bytes for r in runs),
+        "seconds": min(series.seconds),
+        "peak_bytes": max(series.peak_bytes),
         "length": cfg.length,
         "vision_tokens": cfg.vision_tokens,
         "text_queries": int(batch["index"].text_count.sum()),

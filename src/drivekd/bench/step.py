@@ -17,7 +17,7 @@ cache unless marked live:
 
 Ratios are wall time and peak-memory growth of one step over the ``sft`` figures; ``checks`` compares each exact
 method with its grouping's plain step and naive reference. ``--size large`` is a student as large as the capture
-benchmark's (hidden 896, 24 layers, L >= 1200) with one warm-up and two measured steps.
+benchmark's (hidden 896, 24 layers, L >= 1200) with one warm-up, two timed steps and one step for peak memory.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any
 import psutil
 import torch
 
-from drivekd.bench.measure import measure
+from drivekd.bench.measure import measure_series
 from drivekd.bench.options import check_device_and_dtype
 from drivekd.bench.workers import ratios, run_variants, step_time
 
@@ -79,6 +79,7 @@ class StepBenchConfig:
     )
     samples_per_capability: int | None = None  # cache only this many samples of each capability (large runs)
     measured_steps: int | None = None  # measured steps when not periods x refresh (large runs)
+    memory_steps: int | None = None  # steps measured for peak memory after the timed ones (default: as many)
     micro_steps: int = 3  # micro-steps (one sample each) of a teacher-grouping optimizer step
     mixed_only: bool = False  # every variant, SFT included, draws one sample per micro-step (the large size)
     variants: tuple[str, ...] | None = None  # the variants a run measures (default: all)
@@ -97,6 +98,7 @@ LARGE = StepBenchConfig(
     refresh=8,
     samples_per_capability=1,
     measured_steps=2,
+    memory_steps=1,
     micro_steps=1,
     mixed_only=True,
     variants=("sft", "none_teacher", "agp_teacher", "agp_teacher_ckpt", "naive_teacher"),
@@ -229,7 +231,8 @@ def _naive_fits(trainer: Any) -> bool:
 
 
 def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
-    """Every variant measures the same optimizer steps, so all variants of a grouping see the same batches.
+    """Every variant measures the same optimizer steps, so all variants of a grouping see the same batches: the
+    timed steps first, then as many steps for peak memory (:func:`measure_series`).
 
     Batches differ in cost (answer lengths, kept logit positions), so comparing variants on different steps would
     compare batches, not methods; the amortised variant refreshes its coefficients on one step of every period.
@@ -246,15 +249,16 @@ def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, A
         work = trainer.train_step
     work()  # warm-up (a refresh step for agp_amortised, so the measured periods each hold one refresh)
     count = cfg.measured_steps or cfg.periods * cfg.refresh
-    results = [measure(work, trainer.device) for _ in range(count)]
-    cpu = [r.cpu_seconds for r in results if r.cpu_seconds is not None]
+    series = measure_series(work, trainer.device, count, memory_runs=cfg.memory_steps or count)
+    cpu = series.cpu_seconds
     return {
         "variant": variant,
-        "seconds": sum(r.seconds for r in results) / len(results),
+        "seconds": sum(series.seconds) / len(series.seconds),
         "cpu_seconds": sum(cpu) / len(cpu) if cpu else None,
-        "peak_bytes": max(r.peak_bytes for r in results),
-        "step_seconds": [r.seconds for r in results],
+        "peak_bytes": max(series.peak_bytes),
+        "step_seconds": series.seconds,
         "step_cpu_seconds": cpu or None,
+        "step_peak_bytes": series.peak_bytes,
     }
 
 

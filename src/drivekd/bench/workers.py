@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 from collections.abc import Collection
 from typing import Any
-
-from drivekd.bench.measure import WORKER_ENV
 
 
 def run_variants(
@@ -24,9 +21,7 @@ def run_variants(
     results = {}
     for variant in variants:
         cmd = [sys.executable, "-m", module, variant, *args]
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env={**os.environ, **WORKER_ENV}, check=False
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode == -signal.SIGKILL and variant in may_not_fit:
             why = "killed by the kernel while running (SIGKILL: out of memory)"
             results[variant] = {"variant": variant, "measurable": False, "why": why}
