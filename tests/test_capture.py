@@ -128,7 +128,7 @@ def test_non_reentrant_checkpointing_records_once_and_keeps_gradients(family, im
         seen = []
         with AttentionRecorder(m, plan, grad=True) as recorder:
             observe = recorder.observe
-            recorder.observe = lambda layer, *a: (seen.append(layer), observe(layer, *a))[1]
+            recorder.observe = lambda layer, *a, **kw: (seen.append(layer), observe(layer, *a, **kw))[1]
             recorder.start(index)
             out = m(**batch.inputs)
             captured = recorder.collect()
@@ -289,10 +289,13 @@ def test_a_consumer_gets_each_map_as_its_layer_runs_and_its_gradient_just_in_tim
     for layer, maps in reference.full.items():
         torch.testing.assert_close(consumed["full", layer], maps, rtol=0, atol=0)
     torch.testing.assert_close(consumed["tv", 0], reference.tv[0], rtol=0, atol=0)
+    # Deferred: a t-v block recomputed after the forward gets its gradient before the backward reaches any layer.
     first_layer_grad = deferred.index(next(e for e in deferred if e[0] == "layer"))
-    assert all(deferred.index(("full", k)) < first_layer_grad for k in reference.full)
-    for k in reference.full:  # streamed: after the gradient of layer k's output, before layer k-1's
-        assert streamed.index(("layer", k)) < streamed.index(("full", k)) < streamed.index(("layer", k - 1))
+    assert deferred.index(("tv", 0)) < first_layer_grad
+    # A full map computed with its layer's output (fused) sits at its layer either way; a streamed t-v block too.
+    for events in (streamed, deferred):
+        for k in reference.full:  # after the gradient of layer k's output, before layer k-1's
+            assert events.index(("layer", k)) < events.index(("full", k)) < events.index(("layer", k - 1))
     assert streamed.index(("layer", 0)) < streamed.index(("tv", 0))
 
 
@@ -305,3 +308,96 @@ def test_a_consumer_is_refused_under_gradient_checkpointing(image_dir, samples):
         pytest.raises(CaptureError, match="gradient checkpointing"),
     ):
         recorder.start(index, consumer=lambda *a: None)
+
+
+@pytest.mark.parametrize("block_rows", [64, 2])
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_fused_attention_and_map_equal_eager_autograd(kv_heads, block_rows, monkeypatch):
+    """Output and head-mean map from one set of probabilities (and the backward applying both gradients at once)
+    equal eager attention through autograd: GQA, a padding row, one block or several, K batched cotangents."""
+    from drivekd.capture import maps
+    from drivekd.capture.maps import AttentionHeadMean
+
+    monkeypatch.setattr(maps, "BACKWARD_ROWS", block_rows)
+    gen = torch.Generator().manual_seed(10 + kv_heads)
+    batch, heads, length, dim = 2, 4, 6, 3
+    shape = {"dtype": torch.float64, "generator": gen, "requires_grad": True}
+    query = torch.randn(batch, heads, length, dim, **shape)
+    key = torch.randn(batch, kv_heads, length, dim, **shape)
+    value = torch.randn(batch, kv_heads, length, dim, **shape)
+    allowed = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, -1, -1).clone()
+    allowed[1, :, :2] = False  # left padding of two positions in the second sample
+    allowed[1, :2] = False  # the padding queries attend nothing
+    out_weights = torch.randn(batch, heads, length, dim, dtype=torch.float64, generator=gen)
+    map_weights = torch.randn(batch, length, length, dtype=torch.float64, generator=gen)
+
+    def reference(q, k, v):
+        groups = heads // kv_heads
+        scores = (q @ k.repeat_interleave(groups, dim=1).transpose(-1, -2)) * 0.7
+        probs = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min).softmax(-1)
+        return probs @ v.repeat_interleave(groups, dim=1), probs.mean(1)
+
+    def loss(out, head_mean):
+        return (out * out_weights).sum() + (head_mean * map_weights).sum()
+
+    inputs = (query, key, value)
+    ours = AttentionHeadMean.apply(*inputs, allowed, 0.7)
+    for got, want in zip(ours, reference(*inputs), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+    grads = torch.autograd.grad(loss(*ours), inputs)
+    expected = torch.autograd.grad(loss(*reference(*inputs)), inputs)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda *x: AttentionHeadMean.apply(*x, allowed, 0.7), inputs)
+    out_cot = torch.randn(3, *out_weights.shape, dtype=torch.float64, generator=gen)
+    map_cot = torch.randn(3, *map_weights.shape, dtype=torch.float64, generator=gen)
+    again = AttentionHeadMean.apply(*inputs, allowed, 0.7)
+    batched = torch.autograd.grad(again, inputs, (out_cot, map_cot), is_grads_batched=True)
+    for i in range(3):
+        looped = torch.autograd.grad(reference(*inputs), inputs, (out_cot[i], map_cot[i]))
+        for got, want in zip(batched, looped, strict=True):
+            torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_attention_runs_in_fp32_under_autocast():
+    """Under bf16 autocast the scores, probabilities and map stay fp32 (the output returns in q's dtype)."""
+    from drivekd.capture.maps import attention_with_head_mean
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 4, generator=gen) for _ in range(3))
+    exact_out, exact_map = attention_with_head_mean(q, k, v, None, 0.5)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, head_mean = attention_with_head_mean(q, k, v, None, 0.5)
+    assert head_mean.dtype == torch.float32 and out.dtype == torch.float32
+    torch.testing.assert_close(head_mean, exact_map, rtol=0, atol=0)
+    torch.testing.assert_close(out, exact_out, rtol=0, atol=0)
+
+
+def test_whole_map_layers_fuse_output_and_map_only_outside_checkpointing(image_dir, samples):
+    """Without checkpointing a full-map layer skips the SDPA call (one computation gives output and map); under
+    checkpointing or autocast, or for t-v-only layers, SDPA computes the output and the map is recomputed."""
+    from drivekd.capture import recorder as recorder_module
+
+    _, model, batch, index = _setup("qwen2_5_vl", image_dir, samples)
+    layers = len(FAMILIES["qwen2_5_vl"].decoder_layers(model))
+    plan = CapturePlan.of(tv=[0], full=range(1, layers - 1))
+    calls = []
+    sdpa = recorder_module.sdpa_attention_forward
+
+    def counting(module, *args, **kwargs):
+        calls.append(module.layer_idx)
+        return sdpa(module, *args, **kwargs)
+
+    for checkpointing, autocast in ((False, False), (True, False), (False, True)):
+        calls.clear()
+        m = copy.deepcopy(model)
+        if checkpointing:
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        with (
+            pytest.MonkeyPatch.context() as patch,
+            torch.autocast("cpu", torch.bfloat16, enabled=autocast),
+        ):
+            patch.setattr(recorder_module, "sdpa_attention_forward", counting)
+            _captured(m, plan, batch, index)
+        expected = set(range(layers)) if checkpointing or autocast else {0, layers - 1}
+        assert set(calls) == expected

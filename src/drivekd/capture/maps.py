@@ -8,6 +8,12 @@ With ``recompute`` (a student) each chunk goes through :class:`HeadMeanProbs`, w
 and rebuilds the (H, c, L) probabilities in backward, so what stays in memory is the (c, L) head mean. Its backward
 applies the softmax gradient of a head mean directly (every head receives dA/H), which is the same mathematics as
 autograd through ``softmax(...).mean()`` with fewer passes over the probabilities.
+
+Where a student layer needs its whole map (the reasoning signal) and is not checkpointed,
+:func:`attention_with_head_mean` computes the layer output from the same probabilities instead of a separate SDPA
+call: one pass over the (H, L, L) scores gives both, and its backward rebuilds them once for the gradients of the
+output and of the map together, where SDPA plus :class:`HeadMeanProbs` build them three times. The output is eager
+attention in (at least) fp32.
 """
 
 from __future__ import annotations
@@ -37,22 +43,48 @@ def allowed_keys(
 
 
 def _grouped(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, c, D) -> (B, Hkv, G, c, D) and k (B, Hkv, L, D) -> (B, Hkv, 1, L, D), in at least float32.
+    """q (B, H, c, D) -> (B, Hkv, G, c, D) and k (B, Hkv, L, D) -> (B * Hkv, L, D), in at least float32.
 
-    Grouped-query attention is handled by grouping query heads over their shared key head, not by repeating k.
+    Grouped-query attention is handled by grouping query heads over their shared key head, not by repeating k:
+    the G query heads of a key head and their c rows form one (G * c)-row block of a batched matmul.
     """
     batch, heads, rows, dim = query.shape
     kv_heads = key.shape[1]
     dtype = torch.promote_types(query.dtype, torch.float32)
-    return query.to(dtype).reshape(batch, kv_heads, heads // kv_heads, rows, dim), key.to(dtype).unsqueeze(2)
+    q = query.to(dtype).reshape(batch, kv_heads, heads // kv_heads, rows, dim)
+    return q, key.to(dtype).reshape(batch * kv_heads, key.shape[2], dim)
+
+
+def _flat(grouped: torch.Tensor) -> torch.Tensor:
+    """(B, Hkv, G, c, X) -> (B * Hkv, G * c, X), the batched-matmul layout."""
+    batch, kv_heads, groups, rows, last = grouped.shape
+    return grouped.reshape(batch * kv_heads, groups * rows, last)
+
+
+def _unflat(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B * Hkv, G * c, X) -> (B, Hkv, G, c, X) with the leading dimensions of ``like``."""
+    return flat.view(*like.shape[:4], flat.shape[-1])
+
+
+def _bias(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, c, L): 0 where a key is allowed, the dtype's minimum elsewhere (one add, not a fill)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def _softmax(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, scale: float) -> torch.Tensor:
+    """Softmax probabilities (B * Hkv, G * c, L) of grouped q (B, Hkv, G, c, D) against k (B * Hkv, L, D)."""
+    with torch.autocast(q.device.type, enabled=False):  # autocast would run the scores in bf16
+        scores = torch.bmm(_flat(q * scale), k.transpose(1, 2))
+    _unflat(scores, q).add_(bias[:, None, None])
+    return scores.softmax(dim=-1)
 
 
 def _probs(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per-head softmax probabilities (B, Hkv, G, c, L); disallowed keys get the dtype's minimum score."""
+    """Per-head softmax probabilities (B, Hkv, G, c, L) of q (B, H, c, D) and k (B, Hkv, L, D)."""
     q, k = _grouped(query, key)
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-    scores.masked_fill_(~allowed[:, None, None], torch.finfo(scores.dtype).min)
-    return scores.softmax(dim=-1)
+    return _unflat(_softmax(q, k, _bias(allowed, q.dtype), scale), q)
 
 
 class HeadMeanProbs(torch.autograd.Function):
@@ -64,23 +96,24 @@ class HeadMeanProbs(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(query, key, allowed)
         ctx.scale = scale
-        return _probs(query, key, allowed, scale).mean(dim=(1, 2))
+        return _head_means(query, key, allowed, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         query, key, allowed = ctx.saved_tensors
-        total = query.shape[2]
-        if total <= BACKWARD_ROWS:  # one block (a full-range slice of a vmapped grad has no batching rule)
-            return *_head_mean_vjp(query, key, allowed, grad, ctx.scale), None, None
         # Query rows are independent softmaxes, so the backward walks them in blocks of BACKWARD_ROWS: the
         # per-head temporaries stay small, which matters most under a vmapped backward (K rows of each).
         grad_query, grad_key = [], None
-        for start in range(0, total, BACKWARD_ROWS):
-            rows = slice(start, start + BACKWARD_ROWS)
+        for rows, keys in _blocks(allowed):
             block_query, block_key = _head_mean_vjp(
-                query[:, :, rows], key, allowed[:, rows], grad[:, rows], ctx.scale
+                _rows(query, 2, rows),
+                _rows(key, 2, keys),
+                _rows(_rows(allowed, 1, rows), 2, keys),
+                _rows(_rows(grad, 1, rows), 2, keys),
+                ctx.scale,
             )
             grad_query.append(block_query)
+            block_key = _pad_rows(block_key, key.shape[2])
             grad_key = block_key if grad_key is None else grad_key + block_key
         return torch.cat(grad_query, dim=2), grad_key, None, None
 
@@ -88,28 +121,92 @@ class HeadMeanProbs(torch.autograd.Function):
 BACKWARD_ROWS = 64
 
 
+def _blocks(allowed: torch.Tensor) -> list[tuple[slice | None, slice | None]]:
+    """Blocks of BACKWARD_ROWS query rows of an (B, Lq, Lk) mask, each with the leading keys its rows may attend.
+
+    A causal row attends no key after its own position, so a block of early rows skips the later keys (about half
+    the work of a whole causal map); a block holding a fully masked row (padding, whose softmax is uniform over
+    every key) keeps them all. ``None`` for a slice that covers its whole dimension, which must not be sliced (a
+    full-range slice of a vmapped gradient has no batching rule). One device sync per call.
+    """
+    total, keys = allowed.shape[1], allowed.shape[2]
+    if total == 0:
+        return []
+    positions = torch.arange(1, keys + 1, device=allowed.device)
+    reach = torch.where(allowed, positions, 0).amax(dim=-1)  # (B, Lq): last allowed key + 1, 0 if none
+    reach = torch.where(reach == 0, keys, reach).amax(dim=0)  # (Lq,): over the batch; padding rows need all
+    starts = list(range(0, total, BACKWARD_ROWS))
+    padded = torch.nn.functional.pad(reach, (0, len(starts) * BACKWARD_ROWS - total))
+    limits = padded.view(len(starts), BACKWARD_ROWS).amax(dim=1).tolist()
+
+    def part(start: int, stop: int, size: int) -> slice | None:
+        return None if start == 0 and stop >= size else slice(start, min(stop, size))
+
+    return [
+        (part(start, start + BACKWARD_ROWS, total), part(0, limit, keys))
+        for start, limit in zip(starts, limits, strict=True)
+    ]
+
+
+def _rows(tensor: torch.Tensor, dim: int, rows: slice | None) -> torch.Tensor:
+    return tensor if rows is None else tensor.narrow(dim, rows.start, rows.stop - rows.start)
+
+
+def _pad_rows(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero rows appended along dim -2 up to ``size`` (gradients of the keys a block did not reach)."""
+    missing = size - tensor.shape[-2]
+    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, 0, 0, missing))
+
+
+def _pad_keys(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero columns appended along the last dim up to ``size`` (the probabilities of keys a block did not reach)."""
+    missing = size - tensor.shape[-1]
+    return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, missing))
+
+
+def _head_means(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Head-mean probabilities (B, c, L) of q (B, H, c, D) against k (B, Hkv, L, D), block by block."""
+    maps = [
+        _pad_keys(
+            _probs(
+                _rows(query, 2, rows), _rows(key, 2, keys), _rows(_rows(allowed, 1, rows), 2, keys), scale
+            ).mean(dim=(1, 2)),
+            key.shape[2],
+        )
+        for rows, keys in _blocks(allowed)
+    ]
+    return torch.cat(maps, dim=1)
+
+
+def _scores_grad(
+    probs: torch.Tensor, grad_probs: torch.Tensor, allowed: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Softmax backward dS = P * (dP - sum_j dP_j P_j) * scale, (B, Hkv, G, c, L), out of place.
+
+    Out of place because under a vmapped backward (is_grads_batched) ``grad_probs`` is batched and ``probs`` is
+    not. Masked scores are constants, so no gradient flows there: where a row has any allowed key the masked
+    probabilities are exactly 0 and so is their gradient; only fully masked (padding) rows, whose softmax is
+    uniform, need zeroing.
+    """
+    scores_grad = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True)) * scale
+    dead = ~allowed.any(dim=-1)
+    if dead.any():
+        scores_grad = scores_grad.masked_fill(dead[:, None, None, :, None], 0)
+    return scores_grad
+
+
 def _head_mean_vjp(
     query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, grad: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of the head-mean probabilities w.r.t. q and k for one block of query rows."""
-    probs = _probs(query, key, allowed, scale)
-    heads = probs.shape[1] * probs.shape[2]
-    # Each head receives grad / H; softmax backward: dS = P * (dP - sum_j dP_j P_j).
-    weighted = probs * grad.to(probs.dtype)[:, None, None]
-    row = weighted.sum(dim=-1, keepdim=True)
-    # In-place only on tensors derived from grad: under a vmapped backward (is_grads_batched) grad is
-    # batched and probs is not, and an unbatched tensor cannot absorb a batched one in place.
-    scores_grad = weighted.sub_(probs * row).mul_(scale / heads)
-    # Masked scores are constants (masked_fill), so no gradient flows there. Where a row has any allowed key
-    # the masked probabilities are exactly 0 and so is their gradient; only fully masked (padding) rows,
-    # whose softmax is uniform, need zeroing.
-    dead = ~allowed.any(dim=-1)
-    if dead.any():
-        scores_grad.masked_fill_(dead[:, None, None, :, None], 0)
-    del probs
     q, k = _grouped(query, key)
-    grad_query = torch.matmul(scores_grad, k).reshape(query.shape).to(query.dtype)
-    grad_key = torch.matmul(scores_grad.transpose(-1, -2), q).sum(dim=2).to(key.dtype)
+    probs = _unflat(_softmax(q, k, _bias(allowed, q.dtype), scale), q)
+    heads = q.shape[1] * q.shape[2]
+    # Each head receives grad / H.
+    scores_grad = _flat(_scores_grad(probs, grad.to(probs.dtype)[:, None, None] / heads, allowed, scale))
+    del probs
+    grad_query = torch.bmm(scores_grad, k).reshape(query.shape).to(query.dtype)
+    grad_key = torch.bmm(scores_grad.transpose(1, 2), _flat(q)).reshape(key.shape).to(key.dtype)
     return grad_query, grad_key
 
 
@@ -139,5 +236,97 @@ def head_mean_rows(
         if recompute and torch.is_grad_enabled():
             chunks.append(HeadMeanProbs.apply(q, key, allowed, scale))
         else:
-            chunks.append(_probs(q, key, allowed, scale).mean(dim=(1, 2)))
+            chunks.append(_head_means(q, key, allowed, scale))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
+
+
+class AttentionHeadMean(torch.autograd.Function):
+    """A causal attention layer's output (B, H, L, D) and its head-mean map (B, L, L) from one set of probabilities.
+
+    Saves q, k, v and the mask only; backward rebuilds each block of probabilities once and applies the gradients
+    of the output and of the map together: dP = dO V^T + dA / H, then the softmax backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        allowed: torch.Tensor,
+        scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(query, key, value, allowed)
+        ctx.scale = scale
+        q, k = _grouped(query, key)
+        v = value.to(q.dtype).reshape(k.shape)
+        bias = _bias(allowed, q.dtype)
+        outputs, maps = [], []
+        for rows, keys in _blocks(allowed):
+            block = _rows(q, 3, rows)
+            probs = _softmax(block, _rows(k, 1, keys), _rows(_rows(bias, 1, rows), 2, keys), scale)
+            with torch.autocast(q.device.type, enabled=False):
+                outputs.append(_unflat(torch.bmm(probs, _rows(v, 1, keys)), block))
+            maps.append(_pad_keys(_unflat(probs, block).mean(dim=(1, 2)), k.shape[1]))
+        output = torch.cat(outputs, dim=3).reshape(query.shape).to(query.dtype)
+        return output, torch.cat(maps, dim=1)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_output: torch.Tensor, grad_map: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        with torch.autocast(grad_output.device.type, enabled=False):
+            return AttentionHeadMean._backward(ctx, grad_output, grad_map)
+
+    @staticmethod
+    def _backward(
+        ctx: Any, grad_output: torch.Tensor, grad_map: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        query, key, value, allowed = ctx.saved_tensors
+        q, k = _grouped(query, key)
+        v = value.to(q.dtype).reshape(k.shape)
+        bias = _bias(allowed, q.dtype)
+        heads = q.shape[1] * q.shape[2]
+        grad_out = grad_output.to(q.dtype).reshape(q.shape)
+        grad_map = grad_map.to(q.dtype) / heads  # each head receives dA / H
+        grad_query, grad_key, grad_value = [], None, None
+        for rows, keys in _blocks(allowed):
+            block, out_block = _rows(q, 3, rows), _flat(_rows(grad_out, 3, rows))
+            block_k, block_v = _rows(k, 1, keys), _rows(v, 1, keys)
+            probs = _softmax(block, block_k, _rows(_rows(bias, 1, rows), 2, keys), ctx.scale)
+            value_part = _pad_rows(torch.bmm(probs.transpose(1, 2), out_block), k.shape[1])
+            grad_probs = (
+                _unflat(torch.bmm(out_block, block_v.transpose(1, 2)), block)
+                + _rows(_rows(grad_map, 1, rows), 2, keys)[:, None, None]
+            )
+            block_allowed = _rows(_rows(allowed, 1, rows), 2, keys)
+            scores_grad = _flat(_scores_grad(_unflat(probs, block), grad_probs, block_allowed, ctx.scale))
+            grad_query.append(_unflat(torch.bmm(scores_grad, block_k), block))
+            key_part = _pad_rows(torch.bmm(scores_grad.transpose(1, 2), _flat(block)), k.shape[1])
+            grad_key = key_part if grad_key is None else grad_key + key_part
+            grad_value = value_part if grad_value is None else grad_value + value_part
+        grad_q = torch.cat(grad_query, dim=3).reshape(query.shape).to(query.dtype)
+        return (
+            grad_q,
+            grad_key.reshape(key.shape).to(key.dtype),
+            grad_value.reshape(value.shape).to(value.dtype),
+            None,
+            None,
+        )
+
+
+def attention_with_head_mean(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal self-attention output (B, H, L, D) in q's dtype and the head-mean map (B, L, L) in at least fp32.
+
+    ``attention_mask`` is what the layer's mask function gave (see :func:`allowed_keys`); q (B, H, L, D) and k, v
+    (B, Hkv, L, D) cover the same L positions.
+    """
+    length = query.shape[2]
+    positions = torch.arange(length, device=query.device).expand(query.shape[0], -1)
+    return AttentionHeadMean.apply(query, key, value, allowed_keys(attention_mask, positions, length), scale)

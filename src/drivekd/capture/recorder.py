@@ -1,10 +1,14 @@
 """A registered attention implementation that records head-mean maps at chosen decoder layers.
 
-The layer output is always computed by transformers' own SDPA path; at the planned layers the head-mean
-probabilities (eq. 10) are recomputed from q and k (see :mod:`drivekd.capture.maps`) in one of two modes:
+The layer output is computed by transformers' own SDPA path; at the planned layers the head-mean probabilities
+(eq. 10) are recomputed from q and k (see :mod:`drivekd.capture.maps`) in one of two modes:
 
 * ``tv``: text-query rows x vision-key columns (the eq. 12 block), for the perception and planning signals;
 * ``full``: the whole L x L map in query chunks whose probabilities are recomputed in backward, for reasoning.
+
+One exception: a student's ``full`` layer in fp32/fp64 compute outside gradient checkpointing takes its output and
+its map from one computation (:func:`drivekd.capture.maps.attention_with_head_mean`), eager attention that equals
+SDPA to round-off, at about the cost of the SDPA call alone (:meth:`AttentionRecorder.fuses`).
 
 A teacher (``grad=False``) computes its maps inside the layer call. A student (``grad=True``) only keeps references
 to the layer's q and k there and computes the maps in :meth:`AttentionRecorder.collect`, outside the layer. That is
@@ -28,7 +32,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from drivekd.capture.maps import head_mean_rows
+from drivekd.capture.maps import attention_with_head_mean, head_mean_rows
 from drivekd.data.roles import TVIndex
 from drivekd.errors import CaptureError
 from drivekd.models.families import family_of
@@ -46,11 +50,19 @@ def _capture_attention_forward(
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA for the layer output, plus a record of the maps when a recorder is attached to this module."""
-    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    """SDPA for the layer output, plus a record of the maps when a recorder is attached to this module.
+
+    A student layer whose whole map is recorded outside gradient checkpointing gets its output and map from one
+    set of probabilities (:func:`attention_with_head_mean`) instead.
+    """
     recorder: AttentionRecorder | None = getattr(module, _HOOK_ATTR, None)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if recorder is not None and recorder.fuses(module.layer_idx, query, key, value, kwargs):
+        output, full = attention_with_head_mean(query, key, value, attention_mask, scale)
+        recorder.observe(module.layer_idx, query, key, attention_mask, scale, full=full)
+        return output.transpose(1, 2).contiguous(), None
+    output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     if recorder is not None:
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         recorder.observe(module.layer_idx, query, key, attention_mask, scale)
     return output, None
 
@@ -125,6 +137,7 @@ class AttentionRecorder:
         self._pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]] = {}
         self._consumer: MapConsumer | None = None
         self._consumed: set[int] = set()  # layers handed to the consumer in this forward
+        self._checkpointed = False
 
     def __enter__(self) -> AttentionRecorder:
         self._refuse_reentrant_checkpointing()
@@ -152,9 +165,8 @@ class AttentionRecorder:
         """
         if self.plan.tv_layers and tv_index is None:
             raise CaptureError("the plan records text-to-vision blocks: pass the batch's TVIndex to start()")
-        if consumer is not None and any(
-            getattr(layer, "gradient_checkpointing", False) for layer in self.layers
-        ):
+        self._checkpointed = any(getattr(layer, "gradient_checkpointing", False) for layer in self.layers)
+        if consumer is not None and self._checkpointed:
             raise CaptureError(
                 "a map consumer cannot be used with gradient checkpointing; collect() the maps"
             )
@@ -176,10 +188,44 @@ class AttentionRecorder:
             raise CaptureError(f"no attention was recorded at decoder layers {missing}; did the forward run?")
         return result
 
+    def fuses(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, options: dict[str, Any]
+    ) -> bool:
+        """Whether this student layer's output and full map come from one computation.
+
+        Not under checkpointing: the maps are then computed outside the checkpointed layer (see the module doc).
+        Not in low-precision compute (bf16/fp16 weights or autocast): the fused output is eager attention in fp32,
+        which would differ from SDPA's bf16 output by more than round-off (and flash kernels are fast there).
+        Not with attention dropout, a position bias, a soft cap, non-causal attention or a KV cache, which the fused
+        kernel does not model.
+        """
+        return (
+            self.grad
+            and self.plan.recompute
+            and layer in self.plan.full_layers
+            and not self._checkpointed
+            and torch.is_grad_enabled()
+            and query.shape[2] == key.shape[2]
+            and all(t.dtype in (torch.float32, torch.float64) for t in (query, key, value))
+            and not torch.is_autocast_enabled(query.device.type)
+            and not options.get("dropout")
+            and options.get("position_bias") is None
+            and options.get("softcap") is None
+            and options.get("is_causal") is not False
+        )
+
     def observe(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, scale: float
+        self,
+        layer: int,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        mask: torch.Tensor | None,
+        scale: float,
+        *,
+        full: torch.Tensor | None = None,
     ) -> None:
-        """Called by the attention implementation at a planned layer."""
+        """Called by the attention implementation at a planned layer; ``full`` is the layer's map when the
+        implementation computed it with the output (:meth:`fuses`)."""
         if torch._C._current_graph_task_id() != -1:
             return  # checkpoint's replay of a layer during backward: the first forward was recorded
         if self.grad and not torch.is_grad_enabled():
@@ -195,12 +241,18 @@ class AttentionRecorder:
             or layer in self._consumed | self._result.tv.keys() | self._result.full.keys()
         ):
             raise CaptureError(f"decoder layer {layer} was recorded twice in one forward")
+        if full is not None and self._consumer is None:
+            self._place_full(layer, full, into=self._result)
+            return
         if self.grad and self._consumer is None:
             self._pending[layer] = (query, key, mask, scale)
             return
         if self.grad:
             maps = CapturedAttention(tv_index=self._result.tv_index)
-            self._compute(layer, query, key, mask, scale, into=maps)
+            if full is not None:
+                self._place_full(layer, full, into=maps)
+            else:
+                self._compute(layer, query, key, mask, scale, into=maps)
             for kind, kind_maps in (("full", maps.full), ("tv", maps.tv)):
                 if layer in kind_maps:
                     self._consumer(layer, kind, kind_maps[layer])
@@ -226,13 +278,17 @@ class AttentionRecorder:
         index = into.tv_index
         if layer in self.plan.full_layers:
             positions = torch.arange(query.shape[2], device=query.device).expand(query.shape[0], -1)
-            into.full[layer] = head_mean_rows(query, key, mask, positions, scale, **options)
-            if layer in self.plan.tv_layers:
-                into.tv[layer] = index.gather(into.full[layer])
+            self._place_full(layer, head_mean_rows(query, key, mask, positions, scale, **options), into=into)
             return
         rows = index.query_index.unsqueeze(1).unsqueeze(-1).expand(-1, query.shape[1], -1, query.shape[-1])
         maps = head_mean_rows(torch.gather(query, 2, rows), key, mask, index.query_index, scale, **options)
         into.tv[layer] = index.gather_keys(maps)
+
+    def _place_full(self, layer: int, full: torch.Tensor, into: CapturedAttention) -> None:
+        """Store a full map, and the text-to-vision block derived from it when the plan records both."""
+        into.full[layer] = full
+        if layer in self.plan.tv_layers:
+            into.tv[layer] = into.tv_index.gather(full)
 
     def _refuse_reentrant_checkpointing(self) -> None:
         for layer in self.layers:
