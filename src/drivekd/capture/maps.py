@@ -181,17 +181,20 @@ def _head_means(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, s
 def _scores_grad(
     probs: torch.Tensor, grad_probs: torch.Tensor, allowed: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Softmax backward dS = P * (dP - sum_j dP_j P_j) * scale, (B, Hkv, G, c, L), out of place.
+    """Softmax backward dS = P * (dP - sum_j dP_j P_j) * scale, (B, Hkv, G, c, L).
 
-    Out of place because under a vmapped backward (is_grads_batched) ``grad_probs`` is batched and ``probs`` is
-    not. Masked scores are constants, so no gradient flows there: where a row has any allowed key the masked
-    probabilities are exactly 0 and so is their gradient; only fully masked (padding) rows, whose softmax is
-    uniform, need zeroing.
+    ``grad_probs`` is the caller's temporary and is overwritten when it has the full shape (it may broadcast).
+    In place only on tensors derived from the gradient: under a vmapped backward (is_grads_batched) they are
+    batched and ``probs`` is not, and an unbatched tensor cannot absorb a batched one. Masked scores are constants,
+    so no gradient flows there: where a row has any allowed key the masked probabilities are exactly 0 and so is
+    their gradient; only fully masked (padding) rows, whose softmax is uniform, need zeroing.
     """
-    scores_grad = probs * (grad_probs - (probs * grad_probs).sum(dim=-1, keepdim=True)) * scale
+    row = (probs * grad_probs).sum(dim=-1, keepdim=True)
+    full = grad_probs.shape == probs.shape
+    scores_grad = (grad_probs.sub_(row) if full else grad_probs - row).mul_(probs).mul_(scale)
     dead = ~allowed.any(dim=-1)
     if dead.any():
-        scores_grad = scores_grad.masked_fill(dead[:, None, None, :, None], 0)
+        scores_grad = scores_grad.masked_fill_(dead[:, None, None, :, None], 0)
     return scores_grad
 
 
