@@ -99,8 +99,8 @@ def bench_step_cmd(
         str,
         typer.Option(
             "--size",
-            help="quick | default | large (a hidden-896, 24-layer student, L >= 1200, one warm-up and two measured "
-            "steps; up to 20 minutes on 2 CPU cores; run it in bf16 on a GPU).",
+            help="quick | default | large (a hidden-896, 24-layer student, L >= 1200, one warm-up, two timed steps "
+            "and one for memory; about 45 minutes on one CPU core; run it in bf16 on a GPU).",
         ),
     ] = "default",
     json_path: JsonOut = None,
