@@ -224,10 +224,14 @@ def _naive_teacher_step(trainer: Any) -> None:
     _apply(trainer, total)
 
 
-def _naive_fits(trainer: Any) -> bool:
-    """Whether K full gradient copies (and the vector algorithm's temporaries) fit in the free memory."""
+def _naive_fits(trainer: Any, grouping: str) -> bool:
+    """Whether the naive reference's vectors fit in the free memory (an estimate, in copies of the trainable
+    parameters): one flattened gradient per term (1 + teachers per sample, for each capability in the capability
+    grouping), as many weighted or merged copies, the update and the running total, plus the gradients and the two
+    AdamW moments the first optimizer step allocates. The weights and a live teacher are already resident."""
     params = sum(p.numel() * p.element_size() for p in trainer.models.student.parameters() if p.requires_grad)
-    return 2 * 4 * params < psutil.virtual_memory().available
+    terms = (1 + len(CAPABILITIES)) * (1 if grouping == "teacher" else len(CAPABILITIES))
+    return (2 * terms + 2 + 3) * params < psutil.virtual_memory().available
 
 
 def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
@@ -240,7 +244,7 @@ def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, A
     torch.manual_seed(0)
     trainer = _trainer(variant, cfg, workdir)
     settings = VARIANT_SETTINGS[variant]
-    if settings.naive and not _naive_fits(trainer):
+    if settings.naive and not _naive_fits(trainer, settings.grouping):
         return {"variant": variant, "measurable": False, "why": "K full gradient copies do not fit in memory"}
     if settings.naive:
         step = _naive_teacher_step if settings.grouping == "teacher" else _naive_step
