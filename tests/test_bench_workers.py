@@ -12,13 +12,15 @@ from drivekd.bench.workers import run_variants
 
 WORKER = """
 import json, os, signal, sys
-variant = sys.argv[1]
-if variant == "huge":
+variant, mode = sys.argv[1], sys.argv[2]
+if variant == "huge" or (variant == "greedy" and mode == "memory"):
     os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
 if variant == "broken":
     sys.exit("broken variant")
+exact = "MALLOC_MMAP_THRESHOLD_" in os.environ
 print("noise")
-print(json.dumps({"variant": variant, "seconds": 1.0, "peak_bytes": 1}))
+print(json.dumps({"variant": variant, "seconds": 1.0 if mode == "time" else 9.0,
+                  "peak_bytes": 1 if mode == "memory" else 99, "exact": exact}))
 """
 
 
@@ -29,18 +31,27 @@ def module(tmp_path, monkeypatch):
     return "fake_bench_worker"
 
 
+def test_time_comes_from_the_normal_allocator_and_memory_from_the_exact_one(module, monkeypatch):
+    """Each variant runs twice: its times from the run with the normal allocator, its peaks from the run whose
+    large buffers are mmapped (WORKER_ENV)."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    results = run_variants(module, ("sft",))
+    assert results["sft"] == {"variant": "sft", "seconds": 1.0, "peak_bytes": 1, "exact": False}
+
+
 def test_a_killed_reference_is_not_measurable_and_the_others_are_kept(module):
-    results = run_variants(module, ("sft", "huge", "plain"), may_not_fit={"huge"})
-    assert results["sft"] == {"variant": "sft", "seconds": 1.0, "peak_bytes": 1}
+    results = run_variants(module, ("sft", "huge", "greedy", "plain"), may_not_fit={"huge", "greedy"})
+    assert results["sft"]["seconds"] == 1.0 and results["sft"]["peak_bytes"] == 1
     assert results["plain"]["variant"] == "plain"
-    assert results["huge"]["measurable"] is False and "out of memory" in results["huge"]["why"]
+    assert results["huge"]["measurable"] is False and "out of memory; time run" in results["huge"]["why"]
+    assert results["greedy"]["measurable"] is False and "memory run" in results["greedy"]["why"]
     json.dumps(results)  # what bench step writes
 
 
 def test_a_kill_of_a_variant_that_must_fit_and_any_other_failure_stop_the_run(module):
-    with pytest.raises(RuntimeError, match="variant 'huge' failed"):
+    with pytest.raises(RuntimeError, match=r"variant 'huge' failed \(time run\)"):
         run_variants(module, ("sft", "huge"))
-    with pytest.raises(RuntimeError, match=r"variant 'broken' failed:\n(.|\n)*broken variant"):
+    with pytest.raises(RuntimeError, match=r"variant 'broken' failed \(time run\):\n(.|\n)*broken variant"):
         run_variants(module, ("broken",), may_not_fit={"broken"})
 
 

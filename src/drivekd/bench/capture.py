@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from drivekd.bench.measure import measure_series
+from drivekd.bench.measure import measure
 from drivekd.bench.options import check_device_and_dtype
 from drivekd.bench.workers import ratios, run_variants
 from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture_attention
@@ -199,8 +199,9 @@ def _step(
     loss.backward()
 
 
-def run_worker(variant: str, cfg: CaptureBenchConfig) -> dict[str, Any]:
-    """Measure one variant in this process: a warm-up step, ``cfg.steps`` timed steps, as many for memory."""
+def run_worker(variant: str, cfg: CaptureBenchConfig, mode: str) -> dict[str, Any]:
+    """Measure one variant in this process: a warm-up step, then ``cfg.steps`` steps for time (``mode`` time) or for
+    peak memory (memory)."""
     device, dtype = torch.device(cfg.device), getattr(torch, cfg.dtype)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = _model(cfg).to(device=device, dtype=dtype).train()
@@ -216,11 +217,15 @@ def run_worker(variant: str, cfg: CaptureBenchConfig) -> dict[str, Any]:
         _step(variant, model, cfg, batch, targets)
 
     step()  # warms up allocators and kernels
-    series = measure_series(step, device, cfg.steps)
+    runs = [measure(step, device) for _ in range(cfg.steps)]
+    figures = (
+        {"peak_bytes": max(r.peak_bytes for r in runs)}
+        if mode == "memory"
+        else {"seconds": min(r.seconds for r in runs)}
+    )
     return {
         "variant": variant,
-        "seconds": min(series.seconds),
-        "peak_bytes": max(series.peak_bytes),
+        **figures,
         "length": cfg.length,
         "vision_tokens": cfg.vision_tokens,
         "text_queries": int(batch["index"].text_count.sum()),
@@ -240,6 +245,6 @@ def config_for(quick: bool, **overrides: Any) -> CaptureBenchConfig:
 
 
 if __name__ == "__main__":
-    variant_name, raw = sys.argv[1], json.loads(sys.argv[2])
+    variant_name, mode, raw = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
     raw["grid"] = tuple(raw["grid"])
-    print(json.dumps(run_worker(variant_name, CaptureBenchConfig(**raw))))
+    print(json.dumps(run_worker(variant_name, CaptureBenchConfig(**raw), mode)))

@@ -6,11 +6,13 @@ use it (with the same thread count in every worker they compare like with like) 
 
 CPU: the kernel's peak-RSS mark (VmHWM) is reset through /proc/self/clear_refs before the work and read after it, so
 earlier peaks (model construction) do not count; glibc's heap is trimmed first so freed memory is not mistaken for
-headroom. RSS is only exact when large buffers go back to the system as they are freed, which
-:func:`exact_rss_accounting` arranges (every allocation of 64 KiB or more an mmap). That allocator costs a page-fault
-round trip per large temporary, which inflates time (a training step with many temporaries ran 1.8x slower), so
-:func:`measure_series` times the work under the process's normal allocator first and switches for the memory runs.
-GPU: ``max_memory_allocated`` after a peak reset, summed over devices; one set of runs gives both.
+headroom. RSS is only exact when large buffers go back to the system as they are freed: memory is measured in
+worker processes started with :data:`WORKER_ENV` (every allocation of 64 KiB or more an mmap). That allocator
+costs a page-fault round trip per large temporary, which inflates time (a training step with many temporaries ran
+1.8x slower), so times are measured in a second process with the normal allocator (:func:`drivekd.bench.workers.
+run_variants` runs both and merges them). Switching the allocator inside one process after the timed runs was
+tried and left peaks that varied by 25% from run to run. GPU: ``max_memory_allocated`` after a peak reset, summed
+over devices.
 """
 
 from __future__ import annotations
@@ -26,9 +28,8 @@ from pathlib import Path
 import psutil
 import torch
 
-# Environment for worker processes that only measure memory exactly: every allocation of 64 KiB or more is an mmap.
+# Environment for the worker processes that measure memory: every allocation of 64 KiB or more is an mmap.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
 
 
 @dataclass(frozen=True)
@@ -42,16 +43,6 @@ def _trim_heap() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def exact_rss_accounting() -> bool:
-    """From now on every allocation of 64 KiB or more in this process is an mmap, returned to the system when freed
-    (what :data:`WORKER_ENV` does at start-up); False where the C library is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return all(libc.mallopt(param, 65536) == 1 for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD))
 
 
 def _rss_peak_reset() -> bool:
@@ -90,34 +81,3 @@ def measure(work: Callable[[], object], device: torch.device) -> Measurement:
     work()
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return Measurement(seconds, _vm_hwm() - before, cpu_seconds)
-
-
-@dataclass(frozen=True)
-class Series:
-    """``count`` runs of one piece of work: times from the timed runs, peaks from the memory runs."""
-
-    seconds: list[float]
-    peak_bytes: list[int]
-    cpu_seconds: list[float] | None = None
-
-
-def measure_series(
-    work: Callable[[], object], device: torch.device, count: int, *, memory_runs: int | None = None
-) -> Series:
-    """Run ``work`` ``count`` times for time, then (CPU) ``memory_runs`` (default ``count``) more times for memory
-    under exact accounting.
-
-    The CPU memory runs switch this process's allocator for good (:func:`exact_rss_accounting`), so call it once per
-    worker process, after any warm-up. Successive runs see successive inputs (a trainer's next batches): a caller
-    that compares variants gives them all the same sequence, so the i-th timed and memory runs match across them.
-    """
-    if device.type == "cuda":
-        runs = [measure(work, device) for _ in range(count)]
-        return Series([r.seconds for r in runs], [r.peak_bytes for r in runs])
-    timed = [measure(work, device) for _ in range(count)]
-    if not exact_rss_accounting():
-        raise RuntimeError("exact CPU memory accounting needs glibc's mallopt")
-    peaks = [measure(work, device).peak_bytes for _ in range(memory_runs or count)]
-    return Series(
-        [r.seconds for r in timed], peaks, [r.cpu_seconds for r in timed if r.cpu_seconds is not None]
-    )

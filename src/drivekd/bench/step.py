@@ -17,7 +17,8 @@ cache unless marked live:
 
 Ratios are wall time and peak-memory growth of one step over the ``sft`` figures; ``checks`` compares each exact
 method with its grouping's plain step and naive reference. ``--size large`` is a student as large as the capture
-benchmark's (hidden 896, 24 layers, L >= 1200) with one warm-up, two timed steps and one step for peak memory.
+benchmark's (hidden 896, 24 layers, L >= 1200) with one warm-up and two timed steps, the first of which
+is also measured for peak memory.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 import psutil
 import torch
 
-from drivekd.bench.measure import measure_series
+from drivekd.bench.measure import measure
 from drivekd.bench.options import check_device_and_dtype
 from drivekd.bench.workers import ratios, run_variants, step_time
 
@@ -79,7 +80,9 @@ class StepBenchConfig:
     )
     samples_per_capability: int | None = None  # cache only this many samples of each capability (large runs)
     measured_steps: int | None = None  # measured steps when not periods x refresh (large runs)
-    memory_steps: int | None = None  # steps measured for peak memory after the timed ones (default: as many)
+    memory_steps: int | None = (
+        None  # the first of the measured steps also measured for peak memory (default: all)
+    )
     micro_steps: int = 3  # micro-steps (one sample each) of a teacher-grouping optimizer step
     mixed_only: bool = False  # every variant, SFT included, draws one sample per micro-step (the large size)
     variants: tuple[str, ...] | None = None  # the variants a run measures (default: all)
@@ -234,12 +237,12 @@ def _naive_fits(trainer: Any, grouping: str) -> bool:
     return (2 * terms + 2 + 3) * params < psutil.virtual_memory().available
 
 
-def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, Any]:
-    """Every variant measures the same optimizer steps, so all variants of a grouping see the same batches: the
-    timed steps first, then as many steps for peak memory (:func:`measure_series`).
+def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path, mode: str) -> dict[str, Any]:
+    """Measure one variant in this process: a warm-up step, then its time (``mode`` time) or peak memory (memory).
 
-    Batches differ in cost (answer lengths, kept logit positions), so comparing variants on different steps would
-    compare batches, not methods; the amortised variant refreshes its coefficients on one step of every period.
+    Every variant measures the same optimizer steps, so all variants of a grouping see the same batches. Batches
+    differ in cost (answer lengths, kept logit positions), so comparing variants on different steps would compare
+    batches, not methods; the amortised variant refreshes its coefficients on one step of every period.
     """
     torch.manual_seed(0)
     trainer = _trainer(variant, cfg, workdir)
@@ -253,16 +256,17 @@ def run_worker(variant: str, cfg: StepBenchConfig, workdir: Path) -> dict[str, A
         work = trainer.train_step
     work()  # warm-up (a refresh step for agp_amortised, so the measured periods each hold one refresh)
     count = cfg.measured_steps or cfg.periods * cfg.refresh
-    series = measure_series(work, trainer.device, count, memory_runs=cfg.memory_steps or count)
-    cpu = series.cpu_seconds
+    if mode == "memory":
+        peaks = [measure(work, trainer.device).peak_bytes for _ in range(cfg.memory_steps or count)]
+        return {"variant": variant, "peak_bytes": max(peaks), "step_peak_bytes": peaks}
+    results = [measure(work, trainer.device) for _ in range(count)]
+    cpu = [r.cpu_seconds for r in results if r.cpu_seconds is not None]
     return {
         "variant": variant,
-        "seconds": sum(series.seconds) / len(series.seconds),
+        "seconds": sum(r.seconds for r in results) / len(results),
         "cpu_seconds": sum(cpu) / len(cpu) if cpu else None,
-        "peak_bytes": max(series.peak_bytes),
-        "step_seconds": series.seconds,
+        "step_seconds": [r.seconds for r in results],
         "step_cpu_seconds": cpu or None,
-        "step_peak_bytes": series.peak_bytes,
     }
 
 
@@ -380,6 +384,6 @@ def config_for(size: str, **overrides: Any) -> StepBenchConfig:
 
 
 if __name__ == "__main__":
-    raw = json.loads(sys.argv[2])
+    raw = json.loads(sys.argv[3])
     raw = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    print(json.dumps(run_worker(sys.argv[1], StepBenchConfig(**raw), Path(sys.argv[3]))))
+    print(json.dumps(run_worker(sys.argv[1], StepBenchConfig(**raw), Path(sys.argv[4]), sys.argv[2])))
