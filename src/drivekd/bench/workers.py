@@ -30,15 +30,14 @@ def run_variants(
     for variant in variants:
         runs = {}
         for mode in MODES:
-            runs[mode] = _run(module, variant, mode, args, variant in may_not_fit)
-            if not runs[mode].get("measurable", True):
+            run = _run(module, variant, mode, args, variant in may_not_fit)
+            if not run.get("measurable", True):
+                results[variant] = run
                 break
-        failed = next((r for r in runs.values() if not r.get("measurable", True)), None)
-        if failed is not None:
-            results[variant] = failed
-            continue
-        peaks = {k: v for k, v in runs["memory"].items() if "peak" in k}
-        results[variant] = {**{k: v for k, v in runs["time"].items() if "peak" not in k}, **peaks}
+            runs[mode] = run
+        else:
+            peaks = {k: v for k, v in runs["memory"].items() if "peak" in k}
+            results[variant] = {**{k: v for k, v in runs["time"].items() if "peak" not in k}, **peaks}
     return results
 
 

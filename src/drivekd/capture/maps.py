@@ -96,7 +96,8 @@ class HeadMeanProbs(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(query, key, allowed)
         ctx.scale = scale
-        return _head_means(query, key, allowed, scale)
+        ctx.blocks = _blocks(allowed)  # one device sync per layer, reused by backward
+        return _head_means(query, key, allowed, scale, ctx.blocks)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -104,7 +105,7 @@ class HeadMeanProbs(torch.autograd.Function):
         # Query rows are independent softmaxes, so the backward walks them in blocks of BACKWARD_ROWS: the
         # per-head temporaries stay small, which matters most under a vmapped backward (K rows of each).
         grad_query, grad_key = [], None
-        for rows, keys in _blocks(allowed):
+        for rows, keys in ctx.blocks:
             block_query, block_key = _head_mean_vjp(
                 _rows(query, 2, rows),
                 _rows(key, 2, keys),
@@ -164,8 +165,14 @@ def _pad_keys(tensor: torch.Tensor, size: int) -> torch.Tensor:
     return tensor if missing == 0 else torch.nn.functional.pad(tensor, (0, missing))
 
 
-def _head_means(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """Head-mean probabilities (B, c, L) of q (B, H, c, D) against k (B, Hkv, L, D), block by block."""
+def _head_means(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    blocks: list[tuple[slice | None, slice | None]],
+) -> torch.Tensor:
+    """Head-mean probabilities (B, c, L) of q (B, H, c, D) against k (B, Hkv, L, D) over ``_blocks(allowed)``."""
     maps = [
         _pad_keys(
             _probs(
@@ -173,7 +180,7 @@ def _head_means(query: torch.Tensor, key: torch.Tensor, allowed: torch.Tensor, s
             ).mean(dim=(1, 2)),
             key.shape[2],
         )
-        for rows, keys in _blocks(allowed)
+        for rows, keys in blocks
     ]
     return torch.cat(maps, dim=1)
 
@@ -239,7 +246,7 @@ def head_mean_rows(
         if recompute and torch.is_grad_enabled():
             chunks.append(HeadMeanProbs.apply(q, key, allowed, scale))
         else:
-            chunks.append(_head_means(q, key, allowed, scale))
+            chunks.append(_head_means(q, key, allowed, scale, _blocks(allowed)))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=1)
 
 
@@ -261,11 +268,12 @@ class AttentionHeadMean(torch.autograd.Function):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(query, key, value, allowed)
         ctx.scale = scale
+        ctx.blocks = _blocks(allowed)  # one device sync per layer, reused by backward
         q, k = _grouped(query, key)
         v = value.to(q.dtype).reshape(k.shape)
         bias = _bias(allowed, q.dtype)
         outputs, maps = [], []
-        for rows, keys in _blocks(allowed):
+        for rows, keys in ctx.blocks:
             block = _rows(q, 3, rows)
             probs = _softmax(block, _rows(k, 1, keys), _rows(_rows(bias, 1, rows), 2, keys), scale)
             with torch.autocast(q.device.type, enabled=False):
@@ -293,7 +301,7 @@ class AttentionHeadMean(torch.autograd.Function):
         grad_out = grad_output.to(q.dtype).reshape(q.shape)
         grad_map = grad_map.to(q.dtype) / heads  # each head receives dA / H
         grad_query, grad_key, grad_value = [], None, None
-        for rows, keys in _blocks(allowed):
+        for rows, keys in ctx.blocks:
             block, out_block = _rows(q, 3, rows), _flat(_rows(grad_out, 3, rows))
             block_k, block_v = _rows(k, 1, keys), _rows(v, 1, keys)
             probs = _softmax(block, block_k, _rows(_rows(bias, 1, rows), 2, keys), ctx.scale)

@@ -22,6 +22,7 @@ refused.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -241,25 +242,21 @@ class AttentionRecorder:
             or layer in self._consumed | self._result.tv.keys() | self._result.full.keys()
         ):
             raise CaptureError(f"decoder layer {layer} was recorded twice in one forward")
-        if full is not None and self._consumer is None:
-            self._place_full(layer, full, into=self._result)
-            return
-        if self.grad and self._consumer is None:
+        consumer = self._consumer if self.grad else None  # a teacher keeps its maps
+        if full is None and self.grad and consumer is None:
             self._pending[layer] = (query, key, mask, scale)
             return
-        if self.grad:
-            maps = CapturedAttention(tv_index=self._result.tv_index)
-            if full is not None:
-                self._place_full(layer, full, into=maps)
-            else:
-                self._compute(layer, query, key, mask, scale, into=maps)
-            for kind, kind_maps in (("full", maps.full), ("tv", maps.tv)):
+        into = self._result if consumer is None else CapturedAttention(tv_index=self._result.tv_index)
+        if full is not None:
+            self._place_full(layer, full, into=into)
+        else:
+            with nullcontext() if self.grad else torch.no_grad():
+                self._compute(layer, query, key, mask, scale, into=into)
+        if consumer is not None:
+            for kind, kind_maps in (("full", into.full), ("tv", into.tv)):
                 if layer in kind_maps:
-                    self._consumer(layer, kind, kind_maps[layer])
+                    consumer(layer, kind, kind_maps[layer])
             self._consumed.add(layer)
-            return
-        with torch.no_grad():
-            self._compute(layer, query, key, mask, scale, into=self._result)
 
     def _compute(
         self,
