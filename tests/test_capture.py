@@ -121,7 +121,7 @@ def test_teacher_records_without_graph(image_dir, samples):
 def test_non_reentrant_checkpointing_records_once_and_keeps_gradients(family, image_dir, samples):
     _, model, batch, index = _setup(family, image_dir, samples, dtype=torch.float64)
     layers = len(FAMILIES[family].decoder_layers(model))
-    plan = CapturePlan.of(tv=[0], full=range(1, layers - 1), chunk_size=8)
+    plan = CapturePlan.of(tv=[0], full=range(1, layers - 1), chunk_size=8, fuse=True)
 
     def step(m):
         use_capture_attention(m)
@@ -246,7 +246,7 @@ def test_a_consumer_gets_each_map_as_its_layer_runs_and_its_gradient_just_in_tim
     layer's output, not (as for losses built after the forward) before the backward reaches any layer."""
     _, model, batch, index = _setup("qwen2_5_vl", image_dir, samples, dtype=torch.float64)
     decoder = FAMILIES["qwen2_5_vl"].decoder_layers(model)
-    plan = CapturePlan.of(tv=[0], full=range(1, len(decoder) - 1))
+    plan = CapturePlan.of(tv=[0], full=range(1, len(decoder) - 1), fuse=True)
     use_capture_attention(model)
 
     def run(streaming: bool):
@@ -380,7 +380,7 @@ def test_whole_map_layers_fuse_output_and_map_only_outside_checkpointing(image_d
 
     _, model, batch, index = _setup("qwen2_5_vl", image_dir, samples)
     layers = len(FAMILIES["qwen2_5_vl"].decoder_layers(model))
-    plan = CapturePlan.of(tv=[0], full=range(1, layers - 1))
+    plan = CapturePlan.of(tv=[0], full=range(1, layers - 1), fuse=True)
     calls = []
     sdpa = recorder_module.sdpa_attention_forward
 
