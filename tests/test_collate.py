@@ -75,6 +75,30 @@ def test_rationale_first_supervises_the_rationale_then_a_final_line(pair, image_
             assert extract_choice(text, "strict") == extract_choice(sample.answer, "strict")
 
 
+def test_rationale_option_first_restates_the_chosen_option_before_the_letter(pair, image_dir, samples):
+    """data.answer_order=rationale_option_first: an MCQ's answer span is the rationale, a "Chosen:" line with the
+    text the question lists under the correct letter, then "Final: <letter>"; yes/no keeps rationale_first's
+    layout; the strict reader still takes exactly the gold letter (the option text is never read as one)."""
+    token = pair.family.image_token_id(pair.student)
+    collate = VLMCollator(
+        pair.student_processor, token, image_root=image_dir, answer_order="rationale_option_first"
+    )
+    tok = pair.student_processor.tokenizer
+    mcqs = [s for s in samples if s.kind == "mcq" and s.rationale]
+    assert mcqs
+    for sample in [s for s in samples if s.rationale]:
+        batch = collate([sample])
+        text = tok.decode(batch.inputs["input_ids"][0][batch.labels[0] != IGNORE_INDEX])
+        if sample.kind == "mcq":
+            listed = f"{sample.answer}. {sample.options[sample.answer]}"
+            assert listed in sample.question or sample.options  # the text the letter labels in the question
+            laid_out = f"{sample.rationale}\nChosen: {sample.options[sample.answer]}\nFinal: {sample.answer}"
+            assert extract_choice(text, "strict") == sample.answer
+        else:
+            laid_out = sample.target_text("rationale_first")
+        assert text.startswith(laid_out) and text.endswith(tok.eos_token)
+
+
 def test_batched_logits_equal_single_sample_logits(pair, image_dir, samples):
     for side in ("left", "right"):
         collate = VLMCollator(

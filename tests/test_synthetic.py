@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from drivekd.data.cameras import CAMERAS
 from drivekd.data.schema import CAPABILITIES, Sample, read_jsonl
@@ -36,7 +37,8 @@ def driving(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Sample
     summary = generate_split(out, n_scenes=120, seed=3, image_size=SMALL)
     rows = list(read_jsonl(summary.path, check_files=True))
     assert len(rows) == summary.samples
-    assert summary.images == 120 * len(CAMERAS)
+    on_disk = [p for p in (out / "images").rglob("*.png")]
+    assert summary.images == len(on_disk) > 120 * len(CAMERAS)  # the cameras and the framed copies
     return out, rows
 
 
@@ -180,7 +182,8 @@ def test_dataset_splits_single_view_and_jpeg(tmp_path: Path) -> None:
     scene_ids = {k: {r.scene_id for r in read_jsonl(s.path)} for k, s in summaries.items()}
     assert not scene_ids["train"] & scene_ids["val"] and not scene_ids["train"] & scene_ids["test"]
     images = sorted(p.name for p in (tmp_path / "images").rglob("*") if p.is_file())
-    assert images and set(images) == {"CAM_FRONT.jpg"}
+    assert images and {name.split("-")[0].removesuffix(".jpg") for name in images} == {"CAM_FRONT"}
+    assert all(name.endswith(".jpg") for name in images)
     assert {r.meta["views"] for s in summaries.values() for r in read_jsonl(s.path)} == {"single"}
 
 
@@ -218,3 +221,42 @@ def test_synth_defaults_draw_from_the_demo_teachers_training_distribution() -> N
     assert (defaults["width"], defaults["height"]) == DEFAULT_SIZE == recipe.image_size
     assert defaults["views"] == "both" and defaults["domain"] == "driving"
     assert defaults["seed"] == recipe.data_seed
+
+
+def test_a_tagged_question_shows_its_object_framed_and_nothing_else_changed(
+    driving: tuple[Path, list[Sample]],
+) -> None:
+    """Visual prompting (mark_objects, the default): a question naming objects by tag shows, for each tagged
+    camera, a copy of that camera's image that differs from it only on a frame around each tagged object's
+    placement; every other camera, and every question without a tag, shows the plain rendering."""
+    out, rows = driving
+    tagged = [r for r in rows if parse_tags(r.question)]
+    assert tagged and len(tagged) < len(rows)
+    for row in tagged[:40]:
+        cams = {t.camera: t for t in parse_tags(row.question)}
+        for ref in row.images:
+            plain = out / Path(ref.path).parent / f"{ref.camera}.png"
+            shown = np.asarray(Image.open(out / ref.path), dtype=np.int16)
+            base = np.asarray(Image.open(plain), dtype=np.int16)
+            if ref.camera not in cams:
+                assert ref.path == plain.relative_to(out).as_posix()
+                continue
+            assert ref.path != plain.relative_to(out).as_posix()
+            changed = np.argwhere(np.abs(shown - base).sum(axis=2) > 0)
+            assert len(changed), "the framed copy equals the plain image"
+            tag = cams[ref.camera]
+            h, w = base.shape[:2]
+            ys, xs = changed[:, 0], changed[:, 1]
+            # the frame surrounds the tag point: it has pixels left, right, above and below it
+            u, v = tag.x * w, tag.y * h
+            assert xs.min() < u < xs.max() and ys.min() < v < ys.max()
+            assert (shown[ys, xs] == 255).all(axis=1).mean() > 0.9  # a white frame
+    for row in [r for r in rows if not parse_tags(r.question)][:20]:
+        assert all(Path(ref.path).name == f"{ref.camera}.png" for ref in row.images)
+
+
+def test_mark_objects_off_gives_the_plain_renderings(tmp_path: Path) -> None:
+    summary = generate_split(tmp_path, n_scenes=3, seed=3, image_size=SMALL, mark_objects=False)
+    rows = list(read_jsonl(summary.path, check_files=True))
+    assert summary.images == 3 * len(CAMERAS)
+    assert all(Path(ref.path).name == f"{ref.camera}.png" for r in rows for ref in r.images)

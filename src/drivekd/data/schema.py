@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -42,7 +42,8 @@ Capability = Literal["perception", "reasoning", "planning"]
 Task = Literal["perception", "prediction", "planning", "behavior"]
 Kind = Literal["mcq", "open", "yes/no"]
 # Where the short answer sits in the supervised text (Sample.target_text, data.answer_order).
-AnswerOrder = Literal["answer_first", "rationale_first"]
+AnswerOrder = Literal["answer_first", "rationale_first", "rationale_option_first"]
+ANSWER_ORDERS: tuple[AnswerOrder, ...] = get_args(AnswerOrder)
 
 CAPABILITIES: tuple[Capability, ...] = ("perception", "reasoning", "planning")
 # The paper reports DriveBench prediction and behavior together as reasoning.
@@ -162,10 +163,15 @@ class Sample(BaseModel):
         """The supervised answer text in ``order``: ``answer_first`` is the short answer, then the rationale (the
         DriveBench layout); ``rationale_first`` puts the rationale of an MCQ or yes/no question first, then a
         ``Final: <answer>`` line, so a model states what it sees before it commits to a choice (the strict readers
-        take the ``Final:`` marker). Open answers keep the answer first: there is no choice to defer."""
+        take the ``Final:`` marker). ``rationale_option_first`` is ``rationale_first`` with the chosen option's text
+        on a ``Chosen:`` line before an MCQ's ``Final:`` line, so the letter follows the very text it labels in the
+        question (a small model learns that look-up far sooner than one from the rationale's wording). Open
+        answers keep the answer first: there is no choice to defer."""
         if not self.rationale:
             return self.answer
-        if order == "rationale_first" and self.kind != "open":
+        if order == "rationale_option_first" and self.kind == "mcq" and self.options:
+            return f"{self.rationale}\nChosen: {self.options[self.answer]}\nFinal: {self.answer}"
+        if order != "answer_first" and self.kind != "open":
             return f"{self.rationale}\nFinal: {self.answer}"
         return f"{self.answer}\n{self.rationale}"
 

@@ -86,16 +86,17 @@ class TeacherRecipe:
     vision_heads: int = 2
     steps: int = 4000
     # Stop early (keeping that step's checkpoint) past this much training time, summed over resumed runs; None: never.
-    train_minutes: float | None = 100.0
+    train_minutes: float | None = 95.0
     checkpoint_every: int = 100  # a killed run resumes from the last of these
     lr: float = 2e-3
     warmup_ratio: float = 0.05
     micro_batch: int = 8
     grad_accum: int = 1
     threads: int = 1
-    # The rationale, then "Final: <answer>" (data.answer_order): the model states the facts it sees before it has
-    # to match them to an option's letter (a letter first was not learned, docs/demo.md); room for both.
-    answer_order: AnswerOrder = "rationale_first"
+    # The rationale, the chosen option's text, then "Final: <letter>" (data.answer_order): the model states the
+    # facts it sees, then the option text they match, right before the letter that labels that text in the question
+    # (a letter first, or a letter straight after the rationale, was not learned: docs/demo.md); room for all.
+    answer_order: AnswerOrder = "rationale_option_first"
     max_new_tokens: int = 128
     judge_runs: int = 5
 

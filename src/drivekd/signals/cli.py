@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, cast
 
 import typer
 from rich.console import Console
@@ -18,7 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from drivekd.data.header import image_root_for
-from drivekd.data.schema import AnswerOrder, Sample, read_jsonl
+from drivekd.data.schema import ANSWER_ORDERS, AnswerOrder, Sample, read_jsonl
 from drivekd.errors import DriveKDError
 
 if TYPE_CHECKING:  # the teacher pass imports torch: loaded when the command runs, not for `drivekd --help`
@@ -147,7 +147,8 @@ def cache_teacher_cmd(
         str,
         typer.Option(
             "--answer-order",
-            help="answer_first | rationale_first: the supervised text's layout; the training's data.answer_order.",
+            help="answer_first | rationale_first | rationale_option_first: the supervised text's layout; the "
+            "training's data.answer_order.",
         ),
     ] = "answer_first",
 ) -> None:
@@ -168,11 +169,11 @@ def cache_teacher_cmd(
             or padding_side not in ("left", "right")
             or tv_rows not in ("text", "non_image")
             or overlong not in ("refuse", "skip")
-            or answer_order not in ("answer_first", "rationale_first")
+            or answer_order not in ANSWER_ORDERS
         ):
             raise ValueError(
                 f"--dtype must be float16|float32, --padding-side left|right, --tv-rows text|non_image, "
-                f"--overlong refuse|skip and --answer-order answer_first|rationale_first, got {dtype}, "
+                f"--overlong refuse|skip and --answer-order {'|'.join(ANSWER_ORDERS)}, got {dtype}, "
                 f"{padding_side}, {tv_rows}, {overlong}, {answer_order}"
             )
         root = image_root_for(data, image_root)
@@ -186,7 +187,7 @@ def cache_teacher_cmd(
         spec = f"{layers};{FULL_LAYERS}" if full else layers
         needs = parse_layer_spec(spec, len(family.decoder_layers(model)))
         side: Literal["left", "right"] = "left" if padding_side == "left" else "right"
-        order: AnswerOrder = "rationale_first" if answer_order == "rationale_first" else "answer_first"
+        order = cast(AnswerOrder, answer_order)
         collator = VLMCollator(
             processor, family.image_token_id(model), image_root=root, padding_side=side, answer_order=order
         )

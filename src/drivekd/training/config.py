@@ -93,7 +93,8 @@ class DataConfig(_Section):
     overlong: Literal["refuse", "skip"] = "refuse"
     # The supervised text: the short answer then the rationale (DriveBench's layout), or for MCQ and yes/no samples
     # the rationale then a "Final: <answer>" line (a model states what it sees before it chooses; the demo
-    # teacher's setting; open answers keep the answer first).
+    # teacher's setting; open answers keep the answer first); rationale_option_first also restates an MCQ's chosen
+    # option on a "Chosen:" line before the Final line (the letter then follows the text it labels in the question).
     answer_order: AnswerOrder = "answer_first"
 
 

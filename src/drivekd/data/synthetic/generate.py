@@ -22,8 +22,9 @@ from drivekd.data.cameras import CAMERAS
 from drivekd.data.schema import TASK_TO_CAPABILITY, ImageRef, Sample, write_jsonl
 from drivekd.data.synthetic.describe import ask_describe
 from drivekd.data.synthetic.questions import QA, QUESTION_TYPES, SceneViews, ask_driving, ask_general
-from drivekd.data.synthetic.render import render_shapes, render_views
+from drivekd.data.synthetic.render import View, mark, render_shapes, render_views
 from drivekd.data.synthetic.scene import Scene, sample_scene, sample_shapes
+from drivekd.data.tags import parse_tags
 
 Views = Literal["single", "multi", "both"]
 Domain = Literal["driving", "general", "describe"]
@@ -94,6 +95,35 @@ def _sample(qa: QA, sample_id: str, images: list[ImageRef], scene_id: str, domai
     )
 
 
+def _marked_refs(
+    qa: QA,
+    rendered: Mapping[str, View],
+    refs: dict[str, ImageRef],
+    folder: Path,
+    out_dir: Path,
+    ext: str,
+    summary: SplitSummary,
+) -> dict[str, ImageRef]:
+    """``refs`` with each camera that a tag of the question names replaced by a copy that frames the tagged object
+    (:func:`~drivekd.data.synthetic.render.mark`); a copy is written once per camera and object set."""
+    named: dict[str, list[str]] = {}
+    for tag in parse_tags(qa.question):
+        view = rendered[tag.camera]
+        oid = next(o for o, p in view.placements.items() if (p.x, p.y) == (tag.x, tag.y))
+        named.setdefault(tag.camera, []).append(oid)
+    out = dict(refs)
+    for camera, oids in named.items():
+        rel = folder / f"{camera}-{'-'.join(sorted(set(oids)))}.{ext}"
+        if not (out_dir / rel).exists():
+            image = rendered[camera].image
+            for oid in sorted(set(oids)):
+                image = mark(image, rendered[camera].placements[oid])
+            _save(image, out_dir, rel)
+            summary.images += 1
+        out[camera] = ImageRef(camera=camera, path=rel.as_posix())
+    return out
+
+
 def _driving(
     out_dir: Path,
     split: str,
@@ -104,8 +134,10 @@ def _driving(
     ext: str,
     summary: SplitSummary,
     domain: str = "driving",
+    mark_objects: bool = True,
 ) -> Iterator[Sample]:
-    """A driving scene rendered into the views and asked ``domain``'s questions once per view setting."""
+    """A driving scene rendered into the views and asked ``domain``'s questions once per view setting; with
+    ``mark_objects`` a question that names an object by its tag sees that object framed."""
     rng = _scene_rng(domain, split, seed, index)
     scene_id = f"{SCENE_PREFIX[domain]}-{split}-{seed}-{index:06d}"
     scene = sample_scene(rng, scene_id)
@@ -116,11 +148,13 @@ def _driving(
         for v in rendered
     }
     summary.images += len(refs)
+    by_camera = {v.camera: v for v in rendered}
     for setting in ("single", "multi") if views == "both" else (views,):
         cams = ("CAM_FRONT",) if setting == "single" else CAMERAS
         seen = SceneViews.of(setting, [v for v in rendered if v.camera in cams])
-        images = [refs[c] for c in cams]
         for k, qa in enumerate(SCENE_ASKERS[domain](scene, seen, rng)):
+            shown = _marked_refs(qa, by_camera, refs, folder, out_dir, ext, summary) if mark_objects else refs
+            images = [shown[c] for c in cams]
             yield _sample(qa, f"{scene_id}-{setting}-{k:02d}", images, scene_id, domain, setting)
 
 
@@ -147,13 +181,16 @@ def generate_split(
     split: str = "train",
     domain: Domain = "driving",
     image_format: ImageFormat = "png",
+    mark_objects: bool = True,
 ) -> SplitSummary:
     """Generate ``n_scenes`` scenes into ``out_dir/images/<split>/`` and ``out_dir/<split>.jsonl``.
 
     ``views`` picks the CAM_FRONT-only setting, the six-camera setting, or both from the same rendering.
     The general domain (plain coloured shapes, ``meta["domain"] == "general"``) ignores ``views``; the describe
     domain renders driving scenes as the driving domain does and asks for open-ended descriptions of them
-    (:mod:`~drivekd.data.synthetic.describe`; a scene stream of its own for any seed and split). Image paths
+    (:mod:`~drivekd.data.synthetic.describe`; a scene stream of its own for any seed and split). With
+    ``mark_objects`` (the default: the demo teacher's data) a question that names an object by its ``<cK,CAM,x,y>``
+    tag shows that camera with the object framed in white, as visual prompting does. Image paths
     are relative to ``out_dir``, the folder :func:`~drivekd.data.schema.read_jsonl` resolves them against.
     """
     if n_scenes < 0:
@@ -172,7 +209,9 @@ def generate_split(
             if domain == "general":
                 scene_samples = _general(out_dir, split, seed, index, image_size, ext, summary)
             else:
-                scene_samples = _driving(out_dir, split, seed, index, views, image_size, ext, summary, domain)
+                scene_samples = _driving(
+                    out_dir, split, seed, index, views, image_size, ext, summary, domain, mark_objects
+                )
             for sample in scene_samples:
                 summary.count(sample)
                 yield sample
@@ -190,6 +229,7 @@ def generate_dataset(
     image_size: tuple[int, int] = DEFAULT_SIZE,
     domain: Domain = "driving",
     image_format: ImageFormat = "png",
+    mark_objects: bool = True,
 ) -> dict[str, SplitSummary]:
     """Generate several splits (an int is shared 80/10/10 over train/val/test).
 
@@ -208,6 +248,7 @@ def generate_dataset(
             split=split,
             domain=domain,
             image_format=image_format,
+            mark_objects=mark_objects,
         )
         for split, n in n_scenes.items()
     }

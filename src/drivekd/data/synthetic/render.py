@@ -604,3 +604,18 @@ def render_shapes(scene: ShapeScene, size: tuple[int, int]) -> Image.Image:
         else:
             draw.polygon([(u, v - r), (u + 0.8 * r, v), (u, v + r), (u - 0.8 * r, v)], fill=fill)
     return image.reduce(SUPERSAMPLE)
+
+
+MARK_COLOUR = (255, 255, 255)
+MARK_PAD, MARK_WIDTH = 3, 2  # pixels at the output size
+
+
+def mark(image: Image.Image, placement: Placement) -> Image.Image:
+    """A copy of ``image`` with a white frame around the object at ``placement``: the visual prompt that shows a
+    tiny VLM which object a question's ``<cK,CAM,x,y>`` tag names (it need not learn to read coordinates)."""
+    marked = image.copy()
+    x0, y0, x1, y1 = placement.box
+    w, h = marked.size
+    frame = [max(x0 - MARK_PAD, 0), max(y0 - MARK_PAD, 0), min(x1 + MARK_PAD, w - 1), min(y1 + MARK_PAD, h - 1)]
+    ImageDraw.Draw(marked).rectangle(frame, outline=MARK_COLOUR, width=MARK_WIDTH)
+    return marked
