@@ -106,17 +106,18 @@ def _marked_refs(
 ) -> dict[str, ImageRef]:
     """``refs`` with each camera that a tag of the question names replaced by a copy that frames the tagged object
     (:func:`~drivekd.data.synthetic.render.mark`); a copy is written once per camera and object set."""
-    named: dict[str, list[str]] = {}
+    named: dict[str, set[str]] = {}
     for tag in parse_tags(qa.question):
         view = rendered[tag.camera]
         oid = next(o for o, p in view.placements.items() if (p.x, p.y) == (tag.x, tag.y))
-        named.setdefault(tag.camera, []).append(oid)
+        named.setdefault(tag.camera, set()).add(oid)
     out = dict(refs)
-    for camera, oids in named.items():
-        rel = folder / f"{camera}-{'-'.join(sorted(set(oids)))}.{ext}"
+    for camera, ids in named.items():
+        oids = sorted(ids)
+        rel = folder / f"{camera}-{'-'.join(oids)}.{ext}"
         if not (out_dir / rel).exists():
             image = rendered[camera].image
-            for oid in sorted(set(oids)):
+            for oid in oids:
                 image = mark(image, rendered[camera].placements[oid])
             _save(image, out_dir, rel)
             summary.images += 1

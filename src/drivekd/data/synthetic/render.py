@@ -616,6 +616,11 @@ def mark(image: Image.Image, placement: Placement) -> Image.Image:
     marked = image.copy()
     x0, y0, x1, y1 = placement.box
     w, h = marked.size
-    frame = [max(x0 - MARK_PAD, 0), max(y0 - MARK_PAD, 0), min(x1 + MARK_PAD, w - 1), min(y1 + MARK_PAD, h - 1)]
+    frame = [
+        max(x0 - MARK_PAD, 0),
+        max(y0 - MARK_PAD, 0),
+        min(x1 + MARK_PAD, w - 1),
+        min(y1 + MARK_PAD, h - 1),
+    ]
     ImageDraw.Draw(marked).rectangle(frame, outline=MARK_COLOUR, width=MARK_WIDTH)
     return marked
