@@ -10,6 +10,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture_attention
 from drivekd.data.collate import VLMCollator
 from drivekd.data.roles import TVIndex
+from drivekd.gradients import modules
 from drivekd.gradients.autogram import GramianEngine, functional_forward
 from drivekd.gradients.owners import owners_of
 from drivekd.losses import full_attention_mse, supervised_loss, text_to_vision_mse_blocks
@@ -159,7 +160,11 @@ def _row_losses(logits, groups_of_rows):
 
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("groups_of_rows", [[0, 1, 2], [1, 0, 1], [0, 0, 0]])
-def test_split_gramian_equals_explicit_gramian_of_any_rows(tied, groups_of_rows):
+@pytest.mark.parametrize("block", [None, 1])
+def test_split_gramian_equals_explicit_gramian_of_any_rows(tied, groups_of_rows, block, monkeypatch):
+    """``block``: values per column block of a linear module's rows; 1 makes every output feature a block."""
+    if block is not None:
+        monkeypatch.setattr(modules, "_BLOCK_ELEMENTS", block)
     torch.manual_seed(2)
     model = _TinyLM(tied).double()
     ids = torch.randint(0, 11, (3, 5))

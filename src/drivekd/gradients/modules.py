@@ -25,6 +25,9 @@ from torch import nn
 from drivekd.gradients.owners import TokenOwners
 from drivekd.gradients.taps import TapState, tap
 
+# Values of one column block of a linear module's gradient rows (K x outputs x inputs): 1 MiB in float32.
+_BLOCK_ELEMENTS = 1 << 18
+
 
 def _own_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
@@ -73,22 +76,42 @@ class ModuleCall:
 
     def consume(self, grad: torch.Tensor) -> None:
         """grad: (K, *output.shape). Adds the (G*K, G*K) block of this call's parameters."""
-        linear = isinstance(self.module, nn.Linear) and bool(self.args) and not self.kwargs
-        rows = [self._linear(grad, idx) if linear else self._recompute(grad, idx) for idx in self._slices()]
+        if isinstance(self.module, nn.Linear) and bool(self.args) and not self.kwargs:
+            for block in self._linear_blocks(grad):
+                self.state.add_rows(block)
+            return
+        rows = [self._recompute(grad, idx) for idx in self._slices()]
         self.state.add_rows(rows[0] if len(rows) == 1 else torch.cat(rows))
 
-    def _linear(self, grad: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        x, k = self.args[0], grad.shape[0]
-        if idx is not None:
-            x, grad = x[idx], grad[:, idx]
-        d = grad.reshape(k, -1, grad.shape[-1])
-        x = x.reshape(-1, x.shape[-1]).to(d.dtype)
-        parts = []
-        if self.module.weight.requires_grad:
-            parts.append(torch.einsum("kno,ni->koi", d, x).reshape(k, -1))
-        if self.module.bias is not None and self.module.bias.requires_grad:
-            parts.append(d.sum(1))
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    def _linear_blocks(self, grad: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The rows of dW = D_g^T X_g (and db = sum D_g) for a few output features at a time.
+
+        A Gram block is a sum over parameter columns, so the rows may arrive in column blocks: one block of outputs
+        holds K x c x in values instead of K x out x in, and slicing the output gradient before flattening it copies
+        only that slice (a vmapped gradient is seldom contiguous).
+        """
+        k, out = grad.shape[0], grad.shape[-1]
+        weight, bias = (
+            self.module.weight.requires_grad,
+            self.module.bias is not None and self.module.bias.requires_grad,
+        )
+        groups = []
+        for idx in self._slices():
+            x = self.args[0] if idx is None else self.args[0][idx]
+            d = grad if idx is None else grad[:, idx]
+            groups.append((x.reshape(-1, x.shape[-1]).to(d.dtype), d))
+        width = max(1, _BLOCK_ELEMENTS // (k * groups[0][0].shape[-1]))
+        for start in range(0, out, width):
+            rows = []
+            for x, d in groups:
+                part = d[..., start : start + width].reshape(k, -1, min(width, out - start))
+                columns = []
+                if weight:
+                    columns.append(torch.einsum("kno,ni->koi", part, x).reshape(k, -1))
+                if bias:
+                    columns.append(part.sum(1))
+                rows.append(columns[0] if len(columns) == 1 else torch.cat(columns, dim=1))
+            yield rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def _recompute(self, grad: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
         params = _own_trainable(self.module)
