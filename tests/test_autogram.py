@@ -11,7 +11,7 @@ from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture
 from drivekd.data.collate import VLMCollator
 from drivekd.data.roles import TVIndex
 from drivekd.gradients import modules
-from drivekd.gradients.autogram import GramianEngine, functional_forward
+from drivekd.gradients.autogram import GramianEngine
 from drivekd.gradients.owners import owners_of
 from drivekd.losses import full_attention_mse, supervised_loss, text_to_vision_mse_blocks
 from drivekd.models.pair import build_tiny_pair
@@ -70,7 +70,7 @@ def test_gramian_equals_explicit_jacobian_product_on_a_tiny_lm(tied, scale):
         ]
 
     with engine.tap() as tapped:
-        losses = losses_of(functional_forward(model, tapped, {"ids": ids}))
+        losses = losses_of(model(ids=ids))
         gramian = engine.gramian(losses, tapped)
     params = list(model.parameters())
     jac = _explicit_jacobian(losses_of(model(ids)), params)
@@ -84,6 +84,38 @@ def test_gramian_equals_explicit_jacobian_product_on_a_tiny_lm(tied, scale):
     torch.testing.assert_close(update, coefficients @ jac, rtol=1e-12, atol=1e-14)
 
 
+class _Stack(nn.Sequential):
+    """Layers without vocabulary modules: every Gram entry comes from a parameter tap."""
+
+    def get_input_embeddings(self) -> None:
+        return None
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+
+def test_a_parameter_tap_consumes_as_soon_as_its_gradient_is_complete():
+    """Parameter taps are made at first use, so the backward consumes (and frees) each layer's K gradient rows
+    before it moves on to the layers below; taps made before the forward ran after every other node and held
+    every parameter's rows at once."""
+    torch.manual_seed(0)
+    layers = _Stack(*[nn.Linear(5, 5) for _ in range(4)]).double()
+    engine = GramianEngine(layers)
+    events: list[str] = []
+    add_rows = engine.state.add_rows
+    engine.state.add_rows = lambda flat: (events.append("param"), add_rows(flat))[1]
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with engine.tap() as tapped:
+        h = x
+        for layer in layers:
+            h = layer(h)
+            h.register_hook(lambda grad: events.append("activation"))
+        engine.gramian([h.sum(), h.pow(2).sum()], tapped)
+    # Each layer's output gradient, then its weight's and bias's rows, before the layer below (functional_call with
+    # taps made before the forward consumed all eight after the last activation gradient).
+    assert events == ["activation", "param", "param"] * 4
+
+
 def test_cotangent_rows_give_gramians_of_combinations():
     torch.manual_seed(1)
     model = _TinyLM(tied=True).double()
@@ -91,7 +123,7 @@ def test_cotangent_rows_give_gramians_of_combinations():
     engine = GramianEngine(model)
     rows = torch.tensor([[1.0, 2.0, 0.0], [0.0, -1.0, 0.5]], dtype=torch.float64)
     with engine.tap() as tapped:
-        logits = functional_forward(model, tapped, {"ids": ids})
+        logits = model(ids=ids)
         losses = [logits.mean(), logits.pow(2).mean(), logits[:, 0].sum()]
         gramian = engine.gramian(losses, tapped, rows)
     jac = _explicit_jacobian(
@@ -139,7 +171,7 @@ def test_gramian_of_drivekd_losses_on_a_tiny_vlm(family, tied, image_dir, sample
     engine = GramianEngine(model)
     with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel is not float64-exact in backward
         with engine.tap() as tapped:
-            losses = losses_of(lambda: functional_forward(model, tapped, batch.inputs))
+            losses = losses_of(lambda: model(**batch.inputs))
             gramian = engine.gramian(losses, tapped)
         jac = _explicit_jacobian(losses_of(lambda: model(**batch.inputs)), [p for p in model.parameters()])
     expected = jac @ jac.T
@@ -173,7 +205,7 @@ def test_split_gramian_equals_explicit_gramian_of_any_rows(tied, groups_of_rows,
     engine = GramianEngine(model)
     assert engine.module_taps
     with engine.tap(owners) as tapped:
-        losses, loss_groups = _row_losses(functional_forward(model, tapped, {"ids": ids}), groups_of_rows)
+        losses, loss_groups = _row_losses(model(ids=ids), groups_of_rows)
         rows = torch.randn(7, len(losses), dtype=torch.float64)  # dense: rows mix every group
         gramian = engine.gramian(losses, tapped, rows, loss_groups)
         assert tapped.splittable
@@ -243,7 +275,7 @@ def test_split_gramian_of_drivekd_losses_on_a_tiny_vlm(family, image_dir, sample
     rows = torch.randn(5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     with sdpa_kernel(SDPBackend.MATH):
         with engine.tap(owners) as tapped:
-            losses = losses_of(lambda: functional_forward(model, tapped, batch.inputs))
+            losses = losses_of(lambda: model(**batch.inputs))
             gramian = engine.gramian(losses, tapped, rows, [0, 0, 0, 1, 1, 1])
             splittable = tapped.splittable
         jac = _explicit_jacobian(losses_of(lambda: model(**batch.inputs)), list(model.parameters()))

@@ -20,7 +20,7 @@ from drivekd.capture.recorder import AttentionRecorder, CapturePlan, use_capture
 from drivekd.data.collate import VLMCollator
 from drivekd.data.roles import TVIndex
 from drivekd.data.synthetic import generate_split
-from drivekd.gradients.autogram import GramianEngine, functional_forward
+from drivekd.gradients.autogram import GramianEngine
 from drivekd.gradients.replay import replay_outside_vmap
 from drivekd.losses import full_attention_mse, supervised_loss, text_to_vision_mse_blocks
 from drivekd.models.pair import build_tiny_pair
@@ -101,7 +101,7 @@ def _gramian_and_update(model, batch, autocast: torch.dtype | None):
     ):
         recorder.start(index)
         with torch.autocast("cpu", autocast or torch.bfloat16, enabled=autocast is not None):
-            out = functional_forward(model, tapped, batch.inputs)
+            out = model(**batch.inputs)
         captured = recorder.collect()
         losses = [
             supervised_loss(out.logits, batch.labels),

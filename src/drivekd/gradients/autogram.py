@@ -3,8 +3,12 @@
 For losses L_1..L_M and cotangent rows R (K x M), the engine returns G = (R J)(R J)^T where J is the M x P Jacobian
 of the losses w.r.t. the trainable parameters. How:
 
-* The forward runs through :func:`torch.func.functional_call` with every trainable parameter replaced by an identity
-  "tap" of it. A tied parameter is one tensor, so its tap sees the sum of all its uses.
+* Parameter taps: while the forward runs, every trainable parameter is replaced, at its first use, by an identity
+  "tap" of it (:func:`_tap_at_first_use`). A tied parameter is one tensor, so its tap sees the sum of all its uses.
+  Made at first use, a tap's autograd node comes right after the ops that read it, so the backward reaches it as
+  soon as its gradient is complete and frees that gradient; taps made before the forward would run after every
+  other node and hold every parameter's K gradient rows at once (K x the student's size: it doubled the peak of a
+  checkpointed step at the large bench size).
 * ``torch.func.vmap`` over ``torch.autograd.grad`` backpropagates all K cotangent rows at once. When the batched
   gradient of a parameter reaches its tap, the tap adds that parameter's K x K block to G and hands zeros (a
   broadcast scalar, no memory) to the leaf, so no parameter's K gradients outlive their use.
@@ -27,7 +31,7 @@ gradient by group, and the backward carries a basis of each group's part of the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,12 +58,10 @@ class _ParamRecord:
 class TappedForward:
     """What :meth:`GramianEngine.tap` hands to the caller for one forward.
 
-    Parameter taps: ``params`` replace the model's parameters (:func:`functional_forward`) and the backward asks for
-    the gradients of ``leaves`` and ``edges``. Module taps: ``params`` is empty, the hooks tap module outputs, and
-    the backward asks for the gradient of ``sink`` only.
+    Parameter taps: the backward asks for the gradients of ``leaves`` (the parameters) and ``edges``. Module taps:
+    the hooks tap module outputs, and the backward asks for the gradient of ``sink`` only.
     """
 
-    params: dict[str, torch.Tensor]
     leaves: list[torch.Tensor]
     edges: list[torch.Tensor] = field(default_factory=list)  # pre-tap module outputs the backward must reach
     owners: TokenOwners | None = None
@@ -86,7 +88,7 @@ class GramianEngine:
 
         engine = GramianEngine(model)
         with engine.tap() as tapped:
-            out = functional_forward(model, tapped, batch_inputs)
+            out = model(**batch_inputs)
             losses = [...]                       # scalars built from ``out``
             gramian = engine.gramian(losses, tapped)      # (K, K) float64; graph retained
         torch.autograd.backward(sum(c * l for c, l in zip(coefficients, losses)))
@@ -140,16 +142,16 @@ class GramianEngine:
             if owners is not None and self.module_taps:
                 device = next(self.model.parameters()).device
                 sink = torch.zeros((), device=device, requires_grad=True)
-                tapped = TappedForward({}, [], owners=owners, sink=sink)
+                tapped = TappedForward([], owners=owners, sink=sink)
                 stack.enter_context(
                     hook_modules(self._modules, self.state, owners, self.is_vision, sink, tapped.calls)
                 )
             else:
                 record = _ParamRecord(self.state)
-                params = {
-                    name: tap(self.state, record.consume, p, absorb=True) for name, p in self._params.items()
-                }
-                tapped = TappedForward(params, list(self._params.values()))
+                stack.enter_context(
+                    _tap_at_first_use(self.model, self.state, record.consume, self._params.values())
+                )
+                tapped = TappedForward(list(self._params.values()))
             for handle in self._hook_vocab(tapped) if self._vocab_trainable else []:
                 stack.callback(handle.remove)
             stack.callback(_release, tapped)
@@ -250,8 +252,39 @@ def _row_owner(owners: TokenOwners, positions: torch.Tensor) -> torch.Tensor | N
     return rows.to(positions.device).repeat_interleave(per_row)
 
 
-def functional_forward(model: nn.Module, tapped: TappedForward, inputs: Mapping[str, Any]) -> Any:
-    """``model(**inputs)`` with the tapped parameters in place of the real ones (none with module taps)."""
-    if not tapped.params:
-        return model(**inputs)
-    return torch.func.functional_call(model, tapped.params, (), dict(inputs), strict=False)
+@contextmanager
+def _tap_at_first_use(
+    model: nn.Module, state: TapState, consume: Callable[[torch.Tensor], None], params: Iterable[nn.Parameter]
+) -> Iterator[None]:
+    """While open, a module that owns one of ``params`` runs with that parameter's tap in its place (one tap per
+    parameter, made when a module first uses it; checkpoint replays reuse it). The parameters are put back after
+    each call and on exit: a replay that checkpoint stops early never reaches the module's forward hook."""
+    wanted = {id(p) for p in params}
+    taps: dict[int, torch.Tensor] = {}
+    originals: dict[int, tuple[nn.Module, dict[str, nn.Parameter]]] = {}
+
+    def before(module: nn.Module, args: tuple) -> None:
+        _, own = originals.setdefault(id(module), (module, {}))
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in wanted:
+                if id(p) not in taps:
+                    taps[id(p)] = tap(state, consume, p, absorb=True)
+                own[name] = p
+                module._parameters[name] = taps[id(p)]
+
+    def restore(module: nn.Module, *_: Any) -> None:
+        module._parameters.update(originals[id(module)][1])
+
+    owners = [
+        m for m in model.modules() if any(id(p) in wanted for p in m._parameters.values() if p is not None)
+    ]
+    handles = [
+        h for m in owners for h in (m.register_forward_pre_hook(before), m.register_forward_hook(restore))
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, own in originals.values():
+            module._parameters.update(own)

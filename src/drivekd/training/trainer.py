@@ -42,7 +42,7 @@ from drivekd.data.roles import TVIndex
 from drivekd.data.schema import Sample, read_jsonl
 from drivekd.errors import DriveKDError
 from drivekd.gradients import LossReweighter
-from drivekd.gradients.autogram import GramianEngine, functional_forward
+from drivekd.gradients.autogram import GramianEngine
 from drivekd.gradients.gramian import ProjectionStats, combine_teacher_weights, combine_weights
 from drivekd.gradients.mixing import (
     Combination,
@@ -340,7 +340,7 @@ class Trainer:
         positions = logit_positions(batch.labels)
         with AttentionRecorder(self.models.student, self.objective.plan, grad=grad) as recorder:
             recorder.start(index if self.objective.plan.tv_layers else None)
-            out = self._student_forward(batch, positions, None)
+            out = self._student_forward(batch, positions)
             captured = recorder.collect()
         return self.objective.values(
             batch,
@@ -353,15 +353,13 @@ class Trainer:
             logit_positions=positions,
         )
 
-    def _student_forward(self, batch: Batch, positions: torch.Tensor, tapped: Any) -> Any:
+    def _student_forward(self, batch: Batch, positions: torch.Tensor) -> Any:
         inputs = dict(
             batch.inputs, logits_to_keep=positions, output_hidden_states=self.objective.student_hidden
         )
         with torch.autocast(
             self.device.type, self.autocast or torch.bfloat16, enabled=self.autocast is not None
         ):
-            if tapped is not None:
-                return functional_forward(self.models.student, tapped, inputs)
             return self.models.student(**inputs)
 
     def micro_step(
@@ -384,7 +382,7 @@ class Trainer:
                 else None
             )
             recorder.start(index if self.objective.plan.tv_layers else None, consumer=streamed)
-            out = self._student_forward(batch, positions, tapped if tap else None)
+            out = self._student_forward(batch, positions)
             captured = recorder.collect()
             terms = self.objective.values(
                 batch,
