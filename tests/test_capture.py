@@ -359,6 +359,40 @@ def test_fused_attention_and_map_equal_eager_autograd(kv_heads, block_rows, monk
             torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-14)
 
 
+def test_fused_attention_is_bitwise_reproducible_over_allocator_garbage(monkeypatch):
+    """Every element of the fused output, map and gradients is computed, none read from uninitialised memory: a run
+    after the allocator has handed out and taken back NaN-filled blocks equals the first bitwise (several row blocks
+    with per-block key limits, GQA, a padded sample, batched cotangents)."""
+    from drivekd.capture import maps
+    from drivekd.capture.maps import AttentionHeadMean
+
+    monkeypatch.setattr(maps, "BACKWARD_ROWS", 8)
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, kv_heads, length, dim = 2, 4, 2, 37, 8
+    query = torch.randn(batch, heads, length, dim, generator=gen, requires_grad=True)
+    key = torch.randn(batch, kv_heads, length, dim, generator=gen, requires_grad=True)
+    value = torch.randn(batch, kv_heads, length, dim, generator=gen, requires_grad=True)
+    allowed = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, -1, -1).clone()
+    allowed[1, :, :3] = False  # left padding of three positions in the second sample
+    allowed[1, :3] = False
+    out_cot = torch.randn(3, batch, heads, length, dim, generator=gen)
+    map_cot = torch.randn(3, batch, length, length, generator=gen)
+
+    def run():
+        out, head_mean = AttentionHeadMean.apply(query, key, value, allowed, 0.3)
+        grads = torch.autograd.grad((out, head_mean), (query, key, value), (out_cot[0], map_cot[0]))
+        again = AttentionHeadMean.apply(query, key, value, allowed, 0.3)
+        batched = torch.autograd.grad(again, (query, key, value), (out_cot, map_cot), is_grads_batched=True)
+        return [out.detach(), head_mean.detach(), *grads, *batched]
+
+    first = run()
+    for _ in range(3):
+        garbage = [torch.full((size,), float("nan")) for size in range(16, 1 << 15, 97)]
+        del garbage
+        for got, want in zip(run(), first, strict=True):
+            assert torch.equal(got, want)
+
+
 def test_fused_attention_runs_in_fp32_under_autocast():
     """Under bf16 autocast the scores, probabilities and map stay fp32 (the output returns in q's dtype)."""
     from drivekd.capture.maps import attention_with_head_mean

@@ -47,8 +47,11 @@ RUN = [
 ]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
+    """One torch thread for the whole module, the module-scoped reference runs included: training is not bitwise
+    the same at another thread count (a matmul's blocking changes), so the resumed and uninterrupted runs must
+    share it."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -6,7 +6,7 @@ The layer output is computed by transformers' own SDPA path; at the planned laye
 * ``tv``: text-query rows x vision-key columns (the eq. 12 block), for the perception and planning signals;
 * ``full``: the whole L x L map in query chunks whose probabilities are recomputed in backward, for reasoning.
 
-One exception (``CapturePlan(fuse=True)``): a student's ``full`` layer in fp32/fp64 compute outside checkpointing takes its output and
+One exception (``CapturePlan.fuse``, on by default): a student's ``full`` layer in fp32/fp64 compute outside checkpointing takes its output and
 its map from one computation (:func:`drivekd.capture.maps.attention_with_head_mean`), eager attention that equals
 SDPA to round-off, at about the cost of the SDPA call alone (:meth:`AttentionRecorder.fuses`).
 
@@ -101,9 +101,8 @@ class CapturePlan:
     full_layers: frozenset[int] = frozenset()
     chunk_size: int = 256
     recompute: bool = True
-    # Fused whole-map layers (:meth:`AttentionRecorder.fuses`): off by default, because with two or more torch
-    # threads a resumed run then no longer reproduces an uninterrupted one bitwise (cause not yet found).
-    fuse: bool = False
+    # Fused whole-map layers (:meth:`AttentionRecorder.fuses`); ``False`` gives SDPA plus a recomputed map.
+    fuse: bool = True
 
     @classmethod
     def of(cls, tv: Iterable[int] = (), full: Iterable[int] = (), **kwargs: Any) -> CapturePlan:
