@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from drivekd.data.schema import read_jsonl
@@ -122,6 +123,7 @@ def test_make_student_base_writes_a_loadable_pretrained_folder(tmp_path: Path) -
     written = json.loads((out / "MANIFEST.json").read_text())
     assert written == json.loads(json.dumps(manifest))
     assert written["steps_done"] == 6 and written["dtype"] == "float16"
+    assert written["device"] == f"CPU, {recipe.threads} thread(s)"
     assert written["data"]["pretrain"] | {"by_question_type": None} == {
         "scenes": 4,
         "samples": 16,
@@ -144,6 +146,19 @@ def test_make_student_base_refuses_a_used_out_folder(tmp_path: Path) -> None:
     (tmp_path / "out" / "file").write_text("x")
     result = CliRunner().invoke(app, ["demo", "make-student-base", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "not an empty folder" in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there: --device cuda is allowed")
+@pytest.mark.parametrize("command", ["make-student-base", "make-teacher"])
+def test_device_cuda_without_a_gpu_is_refused_before_anything_is_written(
+    tmp_path: Path, command: str
+) -> None:
+    from drivekd.cli import app
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["demo", command, "--out", str(out), "--device", "cuda"])
+    assert result.exit_code == 2 and "no CUDA GPU is visible" in result.output
+    assert not out.exists()
 
 
 def test_shipped_base_student_is_small_documented_and_pretrained() -> None:

@@ -77,6 +77,14 @@ def make_teacher_cmd(
         int | None, typer.Option(help="Synthetic train scenes (16 samples each).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Initialisation and sampling seed.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    micro_batch: Annotated[int | None, typer.Option(help="Samples per optimizer step.")] = None,
+    train_minutes: Annotated[
+        float | None, typer.Option(help="Stop (keeping that step's checkpoint) past this much training time.")
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="cpu or cuda (a GPU trains the same recipe far faster).")
+    ] = "cpu",
     work: Annotated[
         Path | None,
         typer.Option(help="Keep the data, training run and evaluation here (default: a temp folder)."),
@@ -87,12 +95,19 @@ def make_teacher_cmd(
 
     from drivekd.demo.teacher import TeacherRecipe, make_teacher
 
-    chosen = {"steps": steps, "train_scenes": train_scenes, "seed": seed}
+    chosen = {
+        "steps": steps,
+        "train_scenes": train_scenes,
+        "seed": seed,
+        "lr": lr,
+        "micro_batch": micro_batch,
+        "train_minutes": train_minutes,
+    }
     recipe = replace(TeacherRecipe(), **{k: v for k, v in chosen.items() if v is not None})
     command = shlex.join(["drivekd", *sys.argv[1:]])
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            manifest = make_teacher(out, work or Path(scratch), recipe, command=command)
+            manifest = make_teacher(out, work or Path(scratch), recipe, command=command, device=device)
     except (DriveKDError, ValueError, OSError) as err:
         raise _fail(err) from None
     scores = manifest["test_scores"]
@@ -114,6 +129,7 @@ def make_student_base_cmd(
         int | None, typer.Option(help="Synthetic describe scenes to pretrain on (4 samples each).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Initialisation and sampling seed.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     work: Annotated[
         Path | None,
         typer.Option(
@@ -132,7 +148,7 @@ def make_student_base_cmd(
     command = shlex.join(["drivekd", *sys.argv[1:]])
     try:
         with tempfile.TemporaryDirectory() as scratch:
-            manifest = make_student_base(out, work or Path(scratch), recipe, command=command)
+            manifest = make_student_base(out, work or Path(scratch), recipe, command=command, device=device)
     except (DriveKDError, ValueError, OSError) as err:
         raise _fail(err) from None
     before, after = manifest["heldout_before"], manifest["heldout_after"]

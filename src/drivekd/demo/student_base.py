@@ -33,11 +33,13 @@ from drivekd.demo.teacher import (
     WEIGHTS,
     TeacherRecipe,
     checkout_commit,
+    device_label,
     fingerprint,
     parameter_count,
     refuse_used_out,
     tiny_size,
     train_sft,
+    training_device,
     versions,
     write_half_precision,
 )
@@ -138,7 +140,7 @@ def answer_metrics(
     model.eval()
     loss, hits, tokens = 0.0, 0, 0
     for start in range(0, len(samples), batch_size):
-        batch = collate(samples[start : start + batch_size])
+        batch = collate(samples[start : start + batch_size]).to(model.device)
         picked, targets = answer_logits(model(**batch.inputs).logits, batch.labels)
         loss += torch.nn.functional.cross_entropy(picked.float(), targets, reduction="sum").item()
         hits += int((picked.argmax(-1) == targets).sum())
@@ -153,11 +155,18 @@ def answer_metrics(
 
 
 def make_student_base(
-    out: Path, work: Path, recipe: StudentBaseRecipe, *, command: str, teacher: TeacherRecipe | None = None
+    out: Path,
+    work: Path,
+    recipe: StudentBaseRecipe,
+    *,
+    command: str,
+    teacher: TeacherRecipe | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Pretrain the base student and write it to ``out`` (which must not exist or be empty); returns the
-    manifest. Rerun with the same ``work`` folder to resume an interrupted training run."""
+    """Pretrain the base student on ``device`` (cpu or cuda) and write it to ``out`` (which must not exist or be
+    empty); returns the manifest. Rerun with the same ``work`` folder to resume an interrupted training run."""
     refuse_used_out(out)
+    where = training_device(device)
     teacher = teacher or TeacherRecipe()
     torch.set_num_threads(recipe.threads)
     commit = checkout_commit()
@@ -175,7 +184,7 @@ def make_student_base(
             model, pair.student_processor, pair.family, held, data, batch_size=recipe.eval_batch
         )
 
-    before = measure(pair.student)  # the seeded initialisation, also on a resumed run
+    before = measure(pair.student.to(where))  # the seeded initialisation, also on a resumed run
     models = Models(pair.family, pair.student.train(), pair.student_processor)
     checkpoint, steps, trained = train_sft(
         models, recipe, pretrain.path, work / "train", extra=["data.capabilities=[perception]"]
@@ -216,7 +225,7 @@ def make_student_base(
         "stopped_by_time_budget": steps < recipe.steps,
         "train_seconds": round(trained, 1),
         "wall_seconds_last_run": round(time.perf_counter() - started, 1),
-        "device": f"CPU, {recipe.threads} thread(s)",
+        "device": device_label(where, recipe.threads),
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "sha256": {WEIGHTS: fingerprint(out)},

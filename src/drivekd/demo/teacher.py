@@ -185,12 +185,20 @@ class _BudgetedTrainer(Trainer):
 
 
 def train_sft(
-    models: Models, recipe: MadeRecipe, train: Path, output_dir: Path, *, extra: Sequence[str] = ()
+    models: Models,
+    recipe: MadeRecipe,
+    train: Path,
+    output_dir: Path,
+    *,
+    extra: Sequence[str] = (),
+    device: torch.device | None = None,
 ) -> tuple[Path, int, float]:
     """SFT of ``models.student`` (trained in place) on ``train`` with the training loop, checkpointing every
     ``recipe.checkpoint_every`` steps and resuming from the newest checkpoint in ``output_dir``; ``extra`` are more
     config overrides. Returns the final checkpoint, the steps done and the training seconds (over every resumed
-    run)."""
+    run). ``device``: where the model trains (its own device when None)."""
+    if device is not None:
+        models.student.to(device)
     overrides = run_overrides(recipe, recipe="sft", train=train, seed=recipe.seed, output_dir=output_dir)
     checkpoints = [f"run.save_every={recipe.checkpoint_every}", "run.log_every=1", "run.resume=true"]
     config = load_config(None, [*overrides, *checkpoints, *extra])
@@ -205,14 +213,14 @@ def train_sft(
 
 
 def _train(
-    recipe: TeacherRecipe, train: Path, output_dir: Path
+    recipe: TeacherRecipe, train: Path, output_dir: Path, device: torch.device
 ) -> tuple[PreTrainedModel, ProcessorMixin, Path, int, float]:
     """SFT of the teacher (:func:`train_sft`); returns the model, its processor, the final checkpoint, the steps
     done and the training seconds."""
     pair = build_tiny_pair(recipe.family, teacher=recipe.size, image_size=recipe.image_size, seed=recipe.seed)
     models = Models(pair.family, pair.teacher.train(), pair.teacher_processor)
     checkpoint, steps, spent = train_sft(
-        models, recipe, train, output_dir, extra=[f"data.answer_order={recipe.answer_order}"]
+        models, recipe, train, output_dir, extra=[f"data.answer_order={recipe.answer_order}"], device=device
     )
     return pair.teacher, pair.teacher_processor, checkpoint, steps, spent
 
@@ -372,10 +380,29 @@ def versions() -> dict[str, str]:
     }
 
 
-def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) -> dict[str, Any]:
-    """Train, measure and write the teacher to ``out`` (which must not exist or be empty); returns the manifest.
-    Rerun with the same ``work`` folder to resume an interrupted training run."""
+def training_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda`` (the first visible GPU), refused with a clear error when that device is not there."""
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is visible to torch here; train with --device cpu")
+    return torch.device(name)
+
+
+def device_label(device: torch.device, threads: int) -> str:
+    """What a manifest records as the device a model was made on."""
+    if device.type == "cuda":
+        return f"CUDA, {torch.cuda.get_device_name(device)}"
+    return f"CPU, {threads} thread(s)"
+
+
+def make_teacher(
+    out: Path, work: Path, recipe: TeacherRecipe, *, command: str, device: str = "cpu"
+) -> dict[str, Any]:
+    """Train, measure and write the teacher to ``out`` (which must not exist or be empty) on ``device`` (cpu or
+    cuda); returns the manifest. Rerun with the same ``work`` folder to resume an interrupted training run."""
     refuse_used_out(out)
+    where = training_device(device)
     torch.set_num_threads(recipe.threads)
     commit = checkout_commit()
     started = time.perf_counter()
@@ -390,7 +417,7 @@ def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) 
         image_size=recipe.image_size,
         split="acceptance",
     )
-    model, processor, checkpoint, steps, trained = _train(recipe, train.path, work / "train")
+    model, processor, checkpoint, steps, trained = _train(recipe, train.path, work / "train", where)
     model = model.eval()
     samples = list(read_jsonl(accept.path))
     scores = measure(
@@ -434,7 +461,7 @@ def make_teacher(out: Path, work: Path, recipe: TeacherRecipe, *, command: str) 
         "acceptance": acceptance(scores),
         "train_seconds": round(trained, 1),
         "wall_seconds_last_run": round(time.perf_counter() - started, 1),
-        "device": f"CPU, {recipe.threads} thread(s)",
+        "device": device_label(where, recipe.threads),
         "made": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "sha256": {WEIGHTS: fingerprint(out)},
