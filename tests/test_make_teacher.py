@@ -26,6 +26,8 @@ TINY = replace(
     intermediate=64,
     vision_hidden=16,
     vision_depth=1,
+    dense_steps=2,
+    dense_batch=2,
 )
 
 
@@ -36,6 +38,11 @@ def test_make_teacher_writes_a_measured_loadable_folder(tmp_path: Path) -> None:
     assert written == json.loads(json.dumps(manifest))
     assert written["steps_done"] == 2 and written["dtype"] == "float16"
     assert written["device"] == "CPU, 1 thread(s)"
+    assert written["dense_stage"]["steps"] == 2 and set(written["dense_stage"]["accuracy_after"]) == {
+        "category",
+        "colour",
+        "motion",
+    }
     assert (
         written["data"]["test"]["split"] == "acceptance"
         and written["data"]["test"]["seed"] == TINY.acceptance_seed
@@ -51,3 +58,12 @@ def test_make_teacher_writes_a_measured_loadable_folder(tmp_path: Path) -> None:
     model, _ = load_spec(out)
     assert sum(p.numel() for p in model.parameters()) == written["parameters"]
     assert model.config.text_config.num_hidden_layers == TINY.layers
+
+
+def test_a_resumed_make_teacher_keeps_its_dense_stage_report(tmp_path: Path) -> None:
+    """The rerun resumes the SFT from its checkpoint (which holds the dense stage's weights) and reports the stage
+    it did not run again."""
+    first = make_teacher(tmp_path / "a", tmp_path / "work", TINY, command="test")
+    again = make_teacher(tmp_path / "b", tmp_path / "work", TINY, command="test")
+    assert again["dense_stage"] == first["dense_stage"]
+    assert again["sha256"] == first["sha256"]

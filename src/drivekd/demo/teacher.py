@@ -35,6 +35,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from drivekd.data.schema import AnswerOrder, Sample, read_jsonl
 from drivekd.data.synthetic import generate_split
 from drivekd.demo.config import DemoConfig
+from drivekd.demo.dense import pretrain_vision
 from drivekd.demo.evaluate import PREDICTIONS, evaluate_model, judge_config, offline_judge
 from drivekd.demo.methods import RunSettings, run_overrides
 from drivekd.demo.workspace import WorkspaceError, write_json
@@ -44,6 +45,7 @@ from drivekd.evaluation.generate import load_model
 from drivekd.evaluation.predictions import read_predictions
 from drivekd.models.families import TinySize
 from drivekd.models.pair import ModelPair, build_tiny_pair
+from drivekd.training.checkpoint import list_checkpoints
 from drivekd.training.config import load_config
 from drivekd.training.models import Models
 from drivekd.training.trainer import Trainer
@@ -99,6 +101,12 @@ class TeacherRecipe:
     answer_order: AnswerOrder = "rationale_option_first"
     max_new_tokens: int = 128
     judge_runs: int = 5
+    # First stage (:mod:`drivekd.demo.dense`): the vision tower learns objects' category, colour and motion per
+    # token from freshly rendered scenes of its own seed stream, before the SFT; 0 steps: no such stage.
+    dense_steps: int = 0
+    dense_batch: int = 16
+    dense_lr: float = 2e-3
+    dense_seed: int = 30
 
     @property
     def size(self) -> TinySize:
@@ -214,15 +222,40 @@ def train_sft(
 
 def _train(
     recipe: TeacherRecipe, train: Path, output_dir: Path, device: torch.device
-) -> tuple[PreTrainedModel, ProcessorMixin, Path, int, float]:
-    """SFT of the teacher (:func:`train_sft`); returns the model, its processor, the final checkpoint, the steps
-    done and the training seconds."""
+) -> tuple[PreTrainedModel, ProcessorMixin, Path, int, float, dict[str, Any] | None]:
+    """The dense vision stage when the recipe has one, then SFT of the teacher (:func:`train_sft`); returns the
+    model, its processor, the final checkpoint, the SFT steps done, the SFT seconds and the dense stage's report.
+    A resumed run whose SFT has a checkpoint keeps the dense report it wrote (the checkpoint holds its weights)."""
     pair = build_tiny_pair(recipe.family, teacher=recipe.size, image_size=recipe.image_size, seed=recipe.seed)
+    dense = _dense_stage(recipe, pair, output_dir, device)
     models = Models(pair.family, pair.teacher.train(), pair.teacher_processor)
     checkpoint, steps, spent = train_sft(
         models, recipe, train, output_dir, extra=[f"data.answer_order={recipe.answer_order}"], device=device
     )
-    return pair.teacher, pair.teacher_processor, checkpoint, steps, spent
+    return pair.teacher, pair.teacher_processor, checkpoint, steps, spent, dense
+
+
+def _dense_stage(
+    recipe: TeacherRecipe, pair: ModelPair, output_dir: Path, device: torch.device
+) -> dict[str, Any] | None:
+    """Run the recipe's dense vision stage (none with 0 steps) and keep its report beside the SFT's folder."""
+    if not recipe.dense_steps:
+        return None
+    report_file = output_dir.parent / "dense-stage.json"
+    if report_file.exists() and list_checkpoints(output_dir):
+        return json.loads(report_file.read_text())
+    pair.teacher.to(device)
+    report = pretrain_vision(
+        pair.teacher.model.visual,
+        pair.teacher_processor.image_processor,
+        steps=recipe.dense_steps,
+        batch=recipe.dense_batch,
+        lr=recipe.dense_lr,
+        seed=recipe.dense_seed,
+        image_size=recipe.image_size,
+    )
+    write_json(report_file, report)
+    return report
 
 
 def blank_images(samples: Sequence[Sample], image_root: Path, out: Path) -> Path:
@@ -417,7 +450,7 @@ def make_teacher(
         image_size=recipe.image_size,
         split="acceptance",
     )
-    model, processor, checkpoint, steps, trained = _train(recipe, train.path, work / "train", where)
+    model, processor, checkpoint, steps, trained, dense = _train(recipe, train.path, work / "train", where)
     model = model.eval()
     samples = list(read_jsonl(accept.path))
     scores = measure(
@@ -455,6 +488,7 @@ def make_teacher(
         },
         "parameters": parameter_count(model),
         "dtype": "float16",
+        "dense_stage": dense,
         "steps_done": steps,
         "stopped_by_time_budget": steps < recipe.steps,
         "test_scores": scores,
