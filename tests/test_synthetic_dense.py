@@ -55,6 +55,7 @@ def test_the_dense_stage_trains_the_vision_tower():
     pair = build_tiny_pair(recipe.family, image_size=recipe.image_size, seed=0)
     visual = pair.teacher.model.visual
     before = {k: v.clone() for k, v in visual.state_dict().items()}
+    seen = []
     report = pretrain_vision(
         visual,
         pair.teacher_processor.image_processor,
@@ -63,7 +64,10 @@ def test_the_dense_stage_trains_the_vision_tower():
         lr=3e-3,
         seed=1,
         image_size=(224, 112),
+        progress=lambda step, seconds, scores: seen.append((step, set(scores))),
+        every=5,
     )
+    assert seen == [(5, set(ATTRIBUTES)), (10, set(ATTRIBUTES))]
     assert report["steps"] == 12 and report["heldout_object_tokens"] > 0
     assert report["last_loss"] < report["first_loss"]
     assert any(not torch.equal(before[k], v) for k, v in visual.state_dict().items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,9 +42,12 @@ def pretrain_vision(
     lr: float,
     seed: int,
     image_size: tuple[int, int],
+    progress: Callable[[int, float, dict[str, float]], None] | None = None,
+    every: int = 250,
 ) -> dict[str, Any]:
     """Train ``visual`` (in place) for ``steps`` AdamW steps of ``batch`` labelled views; returns the held-out
-    per-token accuracy on object tokens per attribute before and after, and the seconds spent."""
+    per-token accuracy on object tokens per attribute before and after, and the seconds spent. ``progress`` gets
+    (step, seconds, held-out accuracy) every ``every`` steps."""
     codes: dict[str, dict[str, int]] = {a: {} for a in ATTRIBUTES}
     stream = labelled_views(seed, image_size, codes)
     held = list(itertools.islice(stream, HELDOUT))
@@ -70,7 +74,7 @@ def pretrain_vision(
     started = time.perf_counter()
     visual.train()
     losses = []
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         views = list(itertools.islice(stream, batch))
         features = _tokens(visual, image_processor, views)
         loss = sum(
@@ -80,6 +84,8 @@ def pretrain_vision(
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()))
+        if progress is not None and step % every == 0:
+            progress(step, time.perf_counter() - started, accuracy())
     return {
         "steps": steps,
         "batch": batch,

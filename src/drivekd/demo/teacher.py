@@ -18,6 +18,7 @@ import json
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -253,6 +254,11 @@ def _dense_stage(
         lr=recipe.dense_lr,
         seed=recipe.dense_seed,
         image_size=recipe.image_size,
+        progress=lambda step, seconds, scores: print(
+            f"dense stage: step {step}/{recipe.dense_steps}, {seconds:.0f} s, held-out token accuracy {scores}",
+            file=sys.stderr,
+            flush=True,
+        ),
     )
     write_json(report_file, report)
     return report
