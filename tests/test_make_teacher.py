@@ -67,3 +67,41 @@ def test_a_resumed_make_teacher_keeps_its_dense_stage_report(tmp_path: Path) -> 
     again = make_teacher(tmp_path / "b", tmp_path / "work", TINY, command="test")
     assert again["dense_stage"] == first["dense_stage"]
     assert again["sha256"] == first["sha256"]
+
+
+def test_make_teacher_options_reach_the_recipe_and_the_device(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from drivekd.cli import app
+    from drivekd.demo import teacher
+
+    seen = {}
+
+    def fake(out, work, recipe, *, command, device):
+        seen.update(recipe=recipe, device=device, command=command)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(teacher, "make_teacher", fake)
+    args = [
+        "--dense-steps",
+        "7",
+        "--lr",
+        "0.01",
+        "--micro-batch",
+        "3",
+        "--train-minutes",
+        "2.5",
+        "--steps",
+        "9",
+    ]
+    result = CliRunner().invoke(app, ["demo", "make-teacher", "--out", str(tmp_path / "o"), *args])
+    assert result.exit_code == 2 and "stopped by the test" in result.output
+    recipe = seen["recipe"]
+    assert (recipe.dense_steps, recipe.lr, recipe.micro_batch, recipe.train_minutes, recipe.steps) == (
+        7,
+        0.01,
+        3,
+        2.5,
+        9,
+    )
+    assert seen["device"] == "cpu" and seen["command"].startswith("drivekd")

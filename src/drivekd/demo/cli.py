@@ -82,6 +82,10 @@ def make_teacher_cmd(
     train_minutes: Annotated[
         float | None, typer.Option(help="Stop (keeping that step's checkpoint) past this much training time.")
     ] = None,
+    dense_steps: Annotated[
+        int | None,
+        typer.Option(help="Steps of the dense vision stage before the SFT (0: none; docs/demo.md)."),
+    ] = None,
     device: Annotated[
         str, typer.Option(help="cpu or cuda (a GPU trains the same recipe far faster).")
     ] = "cpu",
@@ -102,6 +106,7 @@ def make_teacher_cmd(
         "lr": lr,
         "micro_batch": micro_batch,
         "train_minutes": train_minutes,
+        "dense_steps": dense_steps,
     }
     recipe = replace(TeacherRecipe(), **{k: v for k, v in chosen.items() if v is not None})
     command = shlex.join(["drivekd", *sys.argv[1:]])
