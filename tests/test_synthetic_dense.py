@@ -43,6 +43,9 @@ def test_labelled_views_are_fresh_rendered_scenes_with_objects_on_their_tokens()
     assert all(v.image.size == (224, 112) and v.labels["category"].shape == (32,) for v in views)
     assert len({v.image.tobytes() for v in views}) == 12
     assert sum(int((v.labels["category"] > 0).sum()) for v in views) > 12
+    assert len({v.camera for v in views}) > 1  # one random camera of the six per scene
+    front = itertools.islice(labelled_views(3, (224, 112), {a: {} for a in ATTRIBUTES}, ("CAM_FRONT",)), 6)
+    assert {v.camera for v in front} == {"CAM_FRONT"}
     again = list(itertools.islice(labelled_views(3, (224, 112), {a: {} for a in ATTRIBUTES}), 2))
     assert [v.image.tobytes() for v in again] == [
         v.image.tobytes() for v in views[:2]

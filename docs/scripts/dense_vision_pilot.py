@@ -27,15 +27,15 @@ from drivekd.models.pair import build_tiny_pair
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--front-only", action="store_true", help="CAM_FRONT views only (default: all six)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     recipe = TeacherRecipe()
     pair = build_tiny_pair(recipe.family, teacher=recipe.size, image_size=recipe.image_size, seed=0)
-    held = list(
-        itertools.islice(
-            labelled_views(recipe.dense_seed, recipe.image_size, {a: {} for a in ATTRIBUTES}), HELDOUT
-        )
-    )
+    cameras = ("CAM_FRONT",) if args.front_only else None
+    codes: dict[str, dict[str, int]] = {a: {} for a in ATTRIBUTES}
+    stream = labelled_views(recipe.dense_seed, recipe.image_size, codes, *([cameras] if cameras else []))
+    held = list(itertools.islice(stream, HELDOUT))  # the stage's own held-out views
     for a in ATTRIBUTES:
         labels = torch.cat([v.labels[a] for v in held])
         labels = labels[labels > 0].tolist()
@@ -49,6 +49,7 @@ def main() -> None:
         seed=recipe.dense_seed,
         image_size=recipe.image_size,
         progress=lambda step, seconds, scores: print(f"step {step}, {seconds:.0f} s: {scores}", flush=True),
+        cameras=cameras,
     )
     print({k: v for k, v in report.items() if k != "classes"})
 

@@ -44,12 +44,13 @@ def pretrain_vision(
     image_size: tuple[int, int],
     progress: Callable[[int, float, dict[str, float]], None] | None = None,
     every: int = 250,
+    cameras: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Train ``visual`` (in place) for ``steps`` AdamW steps of ``batch`` labelled views; returns the held-out
     per-token accuracy on object tokens per attribute before and after, and the seconds spent. ``progress`` gets
-    (step, seconds, held-out accuracy) every ``every`` steps."""
+    (step, seconds, held-out accuracy) every ``every`` steps; ``cameras`` restricts the views (default: all six)."""
     codes: dict[str, dict[str, int]] = {a: {} for a in ATTRIBUTES}
-    stream = labelled_views(seed, image_size, codes)
+    stream = labelled_views(seed, image_size, codes, *([cameras] if cameras else []))
     held = list(itertools.islice(stream, HELDOUT))
     device = next(visual.parameters()).device
     width = _tokens(visual, image_processor, held[:1]).shape[-1]

@@ -27,6 +27,7 @@ ATTRIBUTES = ("category", "colour", "motion")
 class LabelledView:
     """A rendered camera and one label per token for each attribute (0: background)."""
 
+    camera: str
     image: Image.Image
     labels: dict[str, torch.Tensor]
 
@@ -61,13 +62,16 @@ def token_labels(
 
 
 def labelled_views(
-    seed: int, size: tuple[int, int], codes: dict[str, dict[str, int]], **options: float
+    seed: int,
+    size: tuple[int, int],
+    codes: dict[str, dict[str, int]],
+    cameras: tuple[str, ...] = tuple(CAMERA_RIG),
+    **options: float,
 ) -> Iterator[LabelledView]:
-    """An endless stream of freshly sampled scenes, one random camera each, with their token labels."""
+    """An endless stream of freshly sampled scenes, one random camera of ``cameras`` each, with their labels."""
     rng = random.Random(seed)
-    cameras = tuple(CAMERA_RIG)
     for index in itertools.count():
         scene: Scene = sample_scene(rng, f"dense-{seed}-{index}")
         view = render_views(scene, [rng.choice(cameras)], size)[0]
         objects = {o.id: o for o in scene.objects}
-        yield LabelledView(view.image, token_labels(view, objects, size, codes, **options))
+        yield LabelledView(view.camera, view.image, token_labels(view, objects, size, codes, **options))
