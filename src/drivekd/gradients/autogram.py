@@ -149,7 +149,9 @@ class GramianEngine:
             else:
                 record = _ParamRecord(self.state)
                 stack.enter_context(
-                    _tap_at_first_use(self.model, self.state, record.consume, self._params.values())
+                    _tap_at_first_use(
+                        (m for _, m in self._modules), self.state, record.consume, self._params.values()
+                    )
                 )
                 tapped = TappedForward(list(self._params.values()))
             for handle in self._hook_vocab(tapped) if self._vocab_trainable else []:
@@ -254,10 +256,13 @@ def _row_owner(owners: TokenOwners, positions: torch.Tensor) -> torch.Tensor | N
 
 @contextmanager
 def _tap_at_first_use(
-    model: nn.Module, state: TapState, consume: Callable[[torch.Tensor], None], params: Iterable[nn.Parameter]
+    modules: Iterable[nn.Module],
+    state: TapState,
+    consume: Callable[[torch.Tensor], None],
+    params: Iterable[nn.Parameter],
 ) -> Iterator[None]:
-    """While open, a module that owns one of ``params`` runs with that parameter's tap in its place (one tap per
-    parameter, made when a module first uses it; checkpoint replays reuse it). The parameters are put back after
+    """While open, each of ``modules`` (those owning ``params``) runs with its parameters' taps in their place (one
+    tap per parameter, made when a module first uses it; checkpoint replays reuse it). The parameters are put back after
     each call and on exit: a replay that checkpoint stops early never reaches the module's forward hook."""
     wanted = {id(p) for p in params}
     taps: dict[int, torch.Tensor] = {}
@@ -275,11 +280,8 @@ def _tap_at_first_use(
     def restore(module: nn.Module, *_: Any) -> None:
         module._parameters.update(originals[id(module)][1])
 
-    owners = [
-        m for m in model.modules() if any(id(p) in wanted for p in m._parameters.values() if p is not None)
-    ]
     handles = [
-        h for m in owners for h in (m.register_forward_pre_hook(before), m.register_forward_hook(restore))
+        h for m in modules for h in (m.register_forward_pre_hook(before), m.register_forward_hook(restore))
     ]
     try:
         yield
