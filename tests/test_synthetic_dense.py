@@ -10,7 +10,7 @@ from PIL import Image
 from drivekd.data.synthetic.dense import ATTRIBUTES, labelled_views, token_labels
 from drivekd.data.synthetic.render import Placement, View
 from drivekd.data.synthetic.scene import SceneObject
-from drivekd.demo.dense import pretrain_vision
+from drivekd.demo.dense import HELDOUT, pretrain_vision
 from drivekd.demo.teacher import TeacherRecipe
 from drivekd.models.pair import build_tiny_pair
 
@@ -75,3 +75,8 @@ def test_the_dense_stage_trains_the_vision_tower():
     assert report["last_loss"] < report["first_loss"]
     assert any(not torch.equal(before[k], v) for k, v in visual.state_dict().items())
     assert set(report["accuracy_after"]) == set(ATTRIBUTES)
+    held = list(itertools.islice(labelled_views(1, (224, 112), {a: {} for a in ATTRIBUTES}), HELDOUT))
+    for a in ATTRIBUTES:
+        values = [int(x) for v in held for x in v.labels[a] if x > 0]
+        top = max(values.count(x) for x in set(values))
+        assert report["majority_class"][a] == round(100.0 * top / len(values), 1)

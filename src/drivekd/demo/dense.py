@@ -47,7 +47,8 @@ def pretrain_vision(
     cameras: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Train ``visual`` (in place) for ``steps`` AdamW steps of ``batch`` labelled views; returns the held-out
-    per-token accuracy on object tokens per attribute before and after, and the seconds spent. ``progress`` gets
+    per-token accuracy on object tokens per attribute before and after (and that of the majority class), and the
+    seconds spent. ``progress`` gets
     (step, seconds, held-out accuracy) every ``every`` steps; ``cameras`` restricts the views (default: all six)."""
     codes: dict[str, dict[str, int]] = {a: {} for a in ATTRIBUTES}
     stream = labelled_views(seed, image_size, codes, *([cameras] if cameras else []))
@@ -87,6 +88,11 @@ def pretrain_vision(
         losses.append(float(loss.detach()))
         if progress is not None and step % every == 0:
             progress(step, time.perf_counter() - started, accuracy())
+    majority = {}
+    for a in ATTRIBUTES:
+        target = _targets(held, a, device)
+        on_object = target[target > 0]
+        majority[a] = round(100.0 * float((on_object == on_object.mode().values).float().mean()), 1)
     return {
         "steps": steps,
         "batch": batch,
@@ -95,6 +101,7 @@ def pretrain_vision(
         "heldout_object_tokens": int((_targets(held, "category", device) > 0).sum()),
         "accuracy_before": before,
         "accuracy_after": accuracy(),
+        "majority_class": majority,  # held-out accuracy of always answering the most frequent class
         "first_loss": round(losses[0], 4) if losses else None,
         "last_loss": round(losses[-1], 4) if losses else None,
         "classes": codes,

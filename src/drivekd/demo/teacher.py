@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from importlib import resources
@@ -246,14 +246,9 @@ def _dense_stage(
     if report_file.exists() and list_checkpoints(output_dir):
         return json.loads(report_file.read_text())
     pair.teacher.to(device)
-    report = pretrain_vision(
-        pair.teacher.model.visual,
-        pair.teacher_processor.image_processor,
-        steps=recipe.dense_steps,
-        batch=recipe.dense_batch,
-        lr=recipe.dense_lr,
-        seed=recipe.dense_seed,
-        image_size=recipe.image_size,
+    report = run_dense_stage(
+        recipe,
+        pair,
         progress=lambda step, seconds, scores: print(
             f"dense stage: step {step}/{recipe.dense_steps}, {seconds:.0f} s, held-out token accuracy {scores}",
             file=sys.stderr,
@@ -262,6 +257,28 @@ def _dense_stage(
     )
     write_json(report_file, report)
     return report
+
+
+def run_dense_stage(
+    recipe: TeacherRecipe,
+    pair: ModelPair,
+    *,
+    progress: Callable[[int, float, dict[str, float]], None] | None = None,
+    steps: int | None = None,
+    cameras: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """The recipe's dense stage on ``pair``'s teacher (``steps`` and ``cameras`` override it, as the pilot does)."""
+    return pretrain_vision(
+        pair.teacher.model.visual,
+        pair.teacher_processor.image_processor,
+        steps=recipe.dense_steps if steps is None else steps,
+        batch=recipe.dense_batch,
+        lr=recipe.dense_lr,
+        seed=recipe.dense_seed,
+        image_size=recipe.image_size,
+        progress=progress,
+        cameras=cameras,
+    )
 
 
 def blank_images(samples: Sequence[Sample], image_root: Path, out: Path) -> Path:
